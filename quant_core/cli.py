@@ -1,0 +1,126 @@
+"""Command line: the original script's flags, defaults and output naming, plus a few of our own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from typing import Sequence
+
+from tqdm import tqdm
+
+from . import __version__
+from .convert import DEFAULT_METHOD, METHODS, ConvertOptions, convert_file, default_output_path
+from .errors import QuantError
+from .report import LayerReport, report_path_for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="learned-rounding-fp16",
+        description="Convert safetensors weights to scaled float16 (power-of-two scales, learned rounding).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="Input safetensors file path.")
+    parser.add_argument(
+        "--output",
+        help="Output safetensors file path (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors).",
+    )
+    parser.add_argument("--keep_distillation", action="store_true", help="Keep Flux distillation layers in original precision.")
+    parser.add_argument("--t5xxl", action="store_true", help="T5XXL mode: drop the decoder, keep norms/biases/embeddings.")
+    parser.add_argument(
+        "--calib_samples",
+        type=int,
+        default=3072,
+        help="Calibration samples; recorded, unused by the data-free methods (they draw no random data).",
+    )
+    parser.add_argument("--num_iter", type=int, default=256, help="Maximum search iterations per tensor (learned).")
+    parser.add_argument("--top_k", type=int, default=1, help="Principal directions whose error the search cancels (learned).")
+    parser.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help="Rounding method.")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N].")
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX",
+        help="Keep tensors whose name matches REGEX unquantized (repeatable).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log every tensor.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bar or summary, errors only.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+class TqdmListener:
+    """Progress over tensors on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    def tensor_started(self, name: str, index: int, total: int) -> None:
+        if self.enabled and self.bar is None:
+            self.bar = tqdm(total=total, unit="tensor", dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.set_postfix_str(name[-48:], refresh=False)
+
+    def tensor_finished(self, name: str, index: int, total: int, layer: LayerReport | None) -> None:
+        if layer is not None:
+            logging.getLogger("quant_core").debug(
+                "%s: scale 2^%d, rel. error %.3e, %.1f%% exact, %d iterations",
+                name, round(math.log2(layer.scale)), layer.relative_error,
+                100 * layer.exact_fraction, layer.iterations,
+            )
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("num_iter", "top_k", "calib_samples"):
+        if getattr(args, flag) < 0 or (flag == "top_k" and args.top_k == 0):
+            parser.error(f"--{flag} must be {'>= 1' if flag == 'top_k' else '>= 0'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up the partial output like Ctrl-C does
+    options = ConvertOptions(
+        method=args.method,
+        num_iter=args.num_iter,
+        top_k=args.top_k,
+        calib_samples=args.calib_samples,
+        t5xxl=args.t5xxl,
+        keep_distillation=args.keep_distillation,
+        exclude=tuple(args.exclude),
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    output = args.output or default_output_path(args.input, args.keep_distillation)
+    listener = TqdmListener(enabled=not args.quiet)
+    try:
+        report = convert_file(args.input, output, options, listener)
+    except QuantError as exc:
+        listener.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        listener.close()
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    listener.close()
+    if not args.quiet:
+        print("\n".join(report.summary_lines()))
+        print(f"per-layer report: {report_path_for(output)}")
+    return 0

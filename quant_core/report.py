@@ -1,0 +1,130 @@
+"""What a conversion did, per tensor and in total: written beside the output as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    """One quantized weight."""
+
+    name: str
+    shape: list[int]
+    source_dtype: str
+    method: str
+    scale: float
+    relative_error: float
+    max_abs_error: float
+    exact_fraction: float
+    iterations: int
+    seconds: float
+    error_sq: float = 0.0
+    reference_sq: float = 0.0
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ConversionReport:
+    input: str
+    output: str
+    settings: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # tensor -> why it was not quantized
+    cast_to_fp16: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def quantized_elements(self) -> int:
+        return sum(math.prod(layer.shape) for layer in self.layers)
+
+    @property
+    def exact_fraction(self) -> float:
+        total = self.quantized_elements
+        exact = sum(layer.exact_fraction * math.prod(layer.shape) for layer in self.layers)
+        return exact / total if total else 1.0
+
+    @property
+    def relative_error(self) -> float:
+        """Overall ||W - deq(Q)|| / ||W|| over all quantized weights."""
+        error = sum(layer.error_sq for layer in self.layers)
+        reference = sum(layer.reference_sq for layer in self.layers)
+        return math.sqrt(error / reference) if reference > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "quantized": len(self.layers),
+            "cast_to_fp16": len(self.cast_to_fp16),
+            "kept": len(self.kept),
+            "dropped": len(self.dropped),
+            "quantized_elements": self.quantized_elements,
+            "exact_fraction": self.exact_fraction,
+            "relative_error": self.relative_error,
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+    def summary_lines(self) -> list[str]:
+        s = self.summary()
+        return [
+            f"output: {self.output}",
+            f"tensors: {s['quantized']} quantized, {s['cast_to_fp16']} cast to fp16 (exact), "
+            f"{s['kept']} kept as is, {s['dropped']} dropped",
+            f"quantized elements: {s['quantized_elements']:,} ({s['exact_fraction']:.2%} bit-exact after dequantization)",
+            f"overall relative error: {s['relative_error']:.3e}",
+            f"time: {s['seconds']:.2f} s, peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB",
+        ]
+
+    def to_json(self) -> str:
+        data = {
+            "input": self.input,
+            "output": self.output,
+            "settings": self.settings,
+            "summary": self.summary(),
+            "layers": [asdict(layer) for layer in self.layers],
+            "kept": self.kept,
+            "cast_to_fp16": self.cast_to_fp16,
+            "dropped": self.dropped,
+        }
+        return json.dumps(data, indent=1, allow_nan=False)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Atomic write (temporary file + rename), like the model file itself."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            tmp.write_text(self.to_json(), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def report_path_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(stem + ".report.json")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM), 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return 0

@@ -1,0 +1,131 @@
+"""The rounding-method interface, the streamed view of a weight it works on, and round-to-nearest.
+
+A rounding method takes a `ScaledWeight` (a 2-D weight already divided by its exact power-of-two
+scale, readable in row chunks on the compute device) and returns its float16 values. Methods only
+choose among float16 values; scaling, I/O and error measurement are shared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .fp16 import round_to_fp16, work_dtype_for
+
+CHUNK_ELEMENTS = 1 << 22  # per-chunk working set stays in the tens of MB whatever the tensor size
+
+
+def abs_max(source: torch.Tensor, on_chunk: Callable[[], None] | None = None) -> float:
+    """Largest magnitude of a (possibly memory-mapped) tensor, NaN if any element is NaN."""
+    flat = source.reshape(-1)
+    result = 0.0
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        if on_chunk is not None:
+            on_chunk()
+        chunk_max = float(flat[start : start + CHUNK_ELEMENTS].abs().max())
+        if math.isnan(chunk_max):
+            return chunk_max
+        result = max(result, chunk_max)
+    return result
+
+
+class ScaledWeight:
+    """A 2-D weight divided by 2**exponent, read lazily in row chunks in its work dtype."""
+
+    def __init__(
+        self,
+        source: torch.Tensor,
+        exponent: int,
+        device: torch.device,
+        on_chunk: Callable[[], None] | None = None,
+    ):
+        if source.ndim != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(source.shape)}")
+        self.source = source
+        self.exponent = exponent
+        self.device = device
+        self.shape: tuple[int, int] = (source.shape[0], source.shape[1])
+        self.work_dtype = work_dtype_for(source.dtype)
+        self.rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape[1]))
+        self._factor = math.ldexp(1.0, -exponent)
+        self._on_chunk = on_chunk
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (row slice, scaled rows) covering the whole weight; scaling by 2**-e is exact."""
+        for start in range(0, self.shape[0], self.rows_per_chunk):
+            if self._on_chunk is not None:
+                self._on_chunk()
+            rows = slice(start, min(start + self.rows_per_chunk, self.shape[0]))
+            x = self.source[rows].to(self.device).to(self.work_dtype)
+            yield rows, x * self._factor  # out of place: never write into the mapped source
+
+
+@dataclass
+class ErrorStats:
+    """Streaming error statistics of a rounding, in scaled units (ratios are scale-free)."""
+
+    numel: int = 0
+    exact: int = 0
+    error_sq: float = 0.0
+    reference_sq: float = 0.0
+    max_abs_error: float = 0.0
+
+    def add(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        e = x - q.to(x.dtype)
+        self.numel += e.numel()
+        self.exact += int((e == 0).sum())
+        self.error_sq += float(torch.linalg.vector_norm(e, dtype=torch.float64) ** 2)
+        self.reference_sq += float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+        if e.numel():
+            self.max_abs_error = max(self.max_abs_error, float(e.abs().max()))
+
+    @property
+    def relative_error(self) -> float:
+        return math.sqrt(self.error_sq / self.reference_sq) if self.reference_sq > 0 else 0.0
+
+    @property
+    def exact_fraction(self) -> float:
+        return self.exact / self.numel if self.numel else 1.0
+
+
+@dataclass(frozen=True)
+class RoundingSettings:
+    num_iter: int = 256
+    top_k: int = 1
+    seed: int = 0
+
+
+@dataclass
+class RoundingOutcome:
+    q: torch.Tensor  # float16, on the CPU, shape of the weight
+    stats: ErrorStats
+    iterations: int = 0
+    details: dict[str, float] = field(default_factory=dict)
+
+
+RoundingMethod = Callable[[ScaledWeight, RoundingSettings], RoundingOutcome]
+
+
+def measure(weight: ScaledWeight, q: torch.Tensor) -> ErrorStats:
+    stats = ErrorStats()
+    for rows, x in weight.chunks():
+        stats.add(x, q[rows].to(weight.device))
+    return stats
+
+
+def round_nearest(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
+    """Scaled round-to-nearest (ties to even): the fast baseline, one pass."""
+    q = torch.empty(weight.shape, dtype=torch.float16)
+    stats = ErrorStats()
+    for rows, x in weight.chunks():
+        qc = round_to_fp16(x)
+        stats.add(x, qc)
+        q[rows] = qc.cpu()
+    return RoundingOutcome(q, stats)

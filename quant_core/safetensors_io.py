@@ -1,0 +1,280 @@
+"""Lazy safetensors reading (memory-mapped, zero-copy) and an atomic, streaming safetensors writer.
+
+The reader lets the safetensors library validate the file, then maps it privately so tensors are
+views of page-cache pages (reclaimable memory) rather than heap copies. The writer lays out the
+whole file up front (names, dtypes, shapes are known before any work), so each tensor can be
+written the moment it is ready, and the file only appears under its final name when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import QuantError
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+# The safetensors library's own data order (widest types first), so streamed files are byte-identical.
+_DTYPE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL")
+_HEADER_SIZE_BYTES = 8
+_WRITE_BLOCK = 1 << 26
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return TORCH_DTYPES.get(self.dtype)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """Return (header dict, data start offset) of a safetensors file, without reading tensor data."""
+    with open(path, "rb") as fh:
+        raw_len = fh.read(_HEADER_SIZE_BYTES)
+        if len(raw_len) < _HEADER_SIZE_BYTES:
+            raise QuantError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        size = os.fstat(fh.fileno()).st_size
+        if header_len > size - _HEADER_SIZE_BYTES:
+            raise QuantError(f"{path}: not a safetensors file (header length {header_len} exceeds file size {size})")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise QuantError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise QuantError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header, _HEADER_SIZE_BYTES + header_len
+
+
+class SafetensorsFile:
+    """A validated, read-only, memory-mapped safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise QuantError(f"{self.path}: input file not found")
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                self.metadata: dict[str, str] = dict(f.metadata() or {})
+        except Exception as exc:  # the library raises several types for malformed files
+            raise QuantError(f"{self.path}: not a valid safetensors file ({exc})") from None
+        header, data_start = read_header(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        for name in names:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            self.entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), data_start + begin, end - begin)
+        self._file = open(self.path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        # ACCESS_COPY: a private mapping; the file can never be modified through it.
+        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of a tensor (its pages stay file-backed until touched by a copy)."""
+        entry = self.entries[name]
+        dtype = entry.torch_dtype
+        if dtype is None:
+            raise QuantError(f"{self.path}: tensor '{name}' has dtype {entry.dtype}, which cannot be converted")
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=entry.numel, offset=entry.start)
+        return flat.view(entry.shape)
+
+    def raw_bytes(self, name: str) -> memoryview:
+        entry = self.entries[name]
+        if entry.nbytes == 0:
+            return memoryview(b"")
+        return memoryview(self._map)[entry.start : entry.start + entry.nbytes]
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                log.debug("tensor views of %s still alive; mapping closes with them", self.path)
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output file, declared before any data is written."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def dtype_itemsize(dtype: str) -> int:
+    torch_dtype = TORCH_DTYPES.get(dtype)
+    return torch_dtype.itemsize if torch_dtype is not None else 1
+
+
+def _dtype_rank(dtype: str) -> int:
+    return _DTYPE_ORDER.index(dtype) if dtype in _DTYPE_ORDER else len(_DTYPE_ORDER)
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    n = dtype_itemsize(dtype)
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose header is fixed up front, tensor by tensor, atomically.
+
+    Data is written into a temporary file beside the target; `commit` renames it into place (and
+    refuses to replace an existing file unless `overwrite`). Leaving the context without commit,
+    or with an exception, deletes the temporary file: an output is either complete or absent.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        tensors: Sequence[OutputTensor],
+        metadata: Mapping[str, str],
+        overwrite: bool = False,
+    ):
+        self.target = Path(target)
+        self.overwrite = overwrite
+        ordered = sorted(tensors, key=lambda t: (_dtype_rank(t.dtype), t.name))
+        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for t in ordered:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            self._offsets[t.name] = (offset, t.nbytes)
+            offset += t.nbytes
+        header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        header_bytes += b" " * (-len(header_bytes) % 8)
+        self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
+        self._total_size = self._data_start + offset
+        self._pending = set(self._offsets)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent)
+        self.temp_path = Path(tmp)
+        self._fd = fd
+        try:
+            self._pwrite(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
+            os.ftruncate(fd, self._total_size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _pwrite(self, data: bytes | memoryview, position: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            written = os.pwrite(self._fd, view[:_WRITE_BLOCK], position)
+            view = view[written:]
+            position += written
+
+    def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
+        """Write one declared tensor's bytes (a CPU tensor of the declared dtype, or raw bytes)."""
+        offset, nbytes = self._offsets[name]
+        payload = _tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
+        if payload.nbytes != nbytes:
+            raise ValueError(f"tensor '{name}': {payload.nbytes} bytes given, {nbytes} declared")
+        self._pwrite(payload, self._data_start + offset)
+        self._pending.discard(name)
+
+    def commit(self) -> Path:
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            if self.overwrite:
+                os.replace(self.temp_path, self.target)
+            else:
+                _rename_no_clobber(self.temp_path, self.target)
+        except FileExistsError:
+            self.abort()
+            raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self.target
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.temp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:  # never committed: an error, a cancel, or a forgotten commit
+            self.abort()
+
+
+def _rename_no_clobber(source: Path, target: Path) -> None:
+    """Move source to target, raising FileExistsError rather than replacing an existing target."""
+    try:
+        os.link(source, target)  # atomic and refuses an existing name
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(source, target)
+        return
+    os.unlink(source)

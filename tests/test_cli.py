@@ -1,0 +1,85 @@
+"""The command line keeps the original script's flags, defaults and naming."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from quant_core.cli import build_parser, main
+from quant_core.convert import default_output_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_the_original_script():
+    args = build_parser().parse_args(["--input", "m.safetensors"])
+    assert (args.num_iter, args.top_k, args.calib_samples) == (256, 1, 3072)
+    assert (args.t5xxl, args.keep_distillation, args.output, args.method) == (False, False, None, "learned")
+
+
+@pytest.mark.parametrize(
+    "name,distill,expected",
+    [
+        ("models/flux.safetensors", False, "models/flux_float16_scaled_learned_svd.safetensors"),
+        ("models/flux.safetensors", True, "models/flux_float16_scaled_learned_nodistill_svd.safetensors"),
+        ("t5.v1.safetensors", False, "t5.v1_float16_scaled_learned_svd.safetensors"),
+    ],
+)
+def test_output_naming(name, distill, expected):
+    assert default_output_path(name, distill) == Path(expected)
+
+
+def test_default_output_beside_input_and_summary(example_model, capsys):
+    assert main(["--input", str(example_model)]) == 0
+    out = default_output_path(example_model)
+    assert out.exists() and "scaled_fp16" in load_file(str(out))
+    printed = capsys.readouterr().out
+    assert "bit-exact" in printed and "overall relative error" in printed
+    report = json.loads(out.with_name(out.name.replace(".safetensors", ".report.json")).read_text())
+    assert report["summary"]["quantized"] > 0
+
+
+def test_refuses_to_replace_input(example_model, capsys):
+    assert main(["--input", str(example_model), "--output", str(example_model)]) == 1
+    assert "replace the input" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(example_model, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["--input", str(example_model), "--output", str(out), "-q"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert main(["--input", str(example_model), "--output", str(out), "-q", "--overwrite"]) == 0
+    assert "scaled_fp16" in load_file(str(out))
+
+
+def test_output_without_folder_goes_to_cwd(example_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--input", str(example_model), "--output", "plain.safetensors", "-q", "--method", "rtn"]) == 0
+    assert (tmp_path / "plain.safetensors").exists()
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["--input", str(tmp_path / "nope.safetensors")]) == 1
+    assert "input file not found" in capsys.readouterr().err
+
+
+def test_invalid_numbers_are_rejected(example_model):
+    with pytest.raises(SystemExit):
+        main(["--input", str(example_model), "--top_k", "0"])
+
+
+@pytest.mark.parametrize("entry", [["convert_fp16_scaled_learned_svd_fast.py"], ["-m", "quant_core"]])
+def test_entry_points_end_to_end(entry, example_model, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, *entry, "--input", str(example_model), "--output", str(out), "--num_iter", "16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "quantized" in result.stdout and out.exists()
