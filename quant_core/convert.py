@@ -216,7 +216,6 @@ def convert_file(
         plans = plan_tensors(src.entries.values(), selection)
         layout = _plan_layout(src, plans, options.t5xxl)
         metadata = build_metadata(src.metadata, TOOL_NAME, {**options.settings(), "source": input_path.name})
-        output_path.parent.mkdir(parents=True, exist_ok=True)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(plans):
                 check_cancelled()

