@@ -236,6 +236,9 @@ class StreamingWriter:
         try:
             self._pwrite(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
             os.ftruncate(fd, self._total_size)
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
