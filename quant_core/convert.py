@@ -135,9 +135,30 @@ def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool) -> 
     return layout
 
 
+def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
+    """Each quantized weight's scale exponent, found before any output is written.
+
+    One cheap pass over the weights up front (the rounding pass that follows finds them in the page
+    cache): a NaN, an infinity or an unscalable value is reported before an hour of work, not after.
+    """
+    exponents = {}
+    for plan in plans:
+        if plan.action is not Action.QUANTIZE:
+            continue
+        try:
+            exponents[plan.name] = choose_scale_exponent(abs_max(src.tensor(plan.name), check_cancelled))
+        except ValueError as exc:
+            raise QuantError(
+                f"{src.path}: tensor '{plan.name}' cannot be scaled to float16 ({exc}); "
+                f"fix the source or keep it unquantized with --exclude '^{re.escape(plan.name)}$'"
+            ) from None
+    return exponents
+
+
 def _quantize(
     src: SafetensorsFile,
     name: str,
+    exponent: int,
     method_name: str,
     settings: RoundingSettings,
     device: torch.device,
@@ -145,14 +166,6 @@ def _quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
     started = time.perf_counter()
     source = src.tensor(name)
-    largest = abs_max(source, check_cancelled)
-    try:
-        exponent = choose_scale_exponent(largest)
-    except ValueError as exc:
-        raise QuantError(
-            f"{src.path}: tensor '{name}' cannot be scaled to float16 ({exc}); "
-            f"fix the source or keep it unquantized with --exclude '^{re.escape(name)}$'"
-        ) from None
     outcome = METHODS[method_name](ScaledWeight(source, exponent, device, check_cancelled), settings)
     scale = torch.tensor([2.0**exponent], dtype=SCALE_DTYPE)
     stats = outcome.stats
@@ -215,6 +228,7 @@ def convert_file(
         selection = Selection(options.t5xxl, options.keep_distillation, options.exclude)
         plans = plan_tensors(src.entries.values(), selection)
         layout = _plan_layout(src, plans, options.t5xxl)
+        exponents = _scale_exponents(src, plans, check_cancelled)
         metadata = build_metadata(src.metadata, TOOL_NAME, {**options.settings(), "source": input_path.name})
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(plans):
@@ -223,7 +237,9 @@ def convert_file(
                     listener.tensor_started(plan.name, index, len(plans))
                 layer = None
                 if plan.action is Action.QUANTIZE:
-                    q, scale, layer = _quantize(src, plan.name, options.method, settings, device, check_cancelled)
+                    q, scale, layer = _quantize(
+                        src, plan.name, exponents[plan.name], options.method, settings, device, check_cancelled
+                    )
                     writer.write(plan.name, q)
                     writer.write(scale_weight_key(plan.name), scale)
                     if options.t5xxl:

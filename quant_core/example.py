@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .safetensors_io import write_state_dict
 
 
 def example_state_dict(hidden: int = 256, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,7 +41,4 @@ def example_state_dict(hidden: int = 256, layers: int = 2, seed: int = 0) -> dic
 
 
 def write_example_model(path: str | Path, **kwargs: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(example_state_dict(**kwargs), str(path), metadata={"format": "pt", "name": "example"})
-    return path
+    return write_state_dict(example_state_dict(**kwargs), path, metadata={"format": "pt", "name": "example"})

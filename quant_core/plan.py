@@ -8,6 +8,7 @@ their original precision with `scale_weight` 1; `--exclude` keeps user-chosen te
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -22,6 +23,8 @@ T5XXL_DROP_NAMES = ("decoder", "lm_head")
 T5XXL_KEEP_NAMES = ("norm", "bias", "embed_tokens", "shared")
 DISTILLATION_NAMES = ("distilled_guidance_layer", "final_layer", "img_in", "txt_in")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+log = logging.getLogger(__name__)
 
 
 class Action(enum.Enum):
@@ -77,7 +80,9 @@ def plan_tensor(entry: TensorEntry, selection: Selection, patterns: Sequence[re.
     if dtype is None or not dtype.is_floating_point:
         return TensorPlan(entry, Action.KEEP, f"{entry.dtype} tensor copied unchanged")
     if dtype not in QUANTIZABLE_DTYPES:
-        return TensorPlan(entry, Action.KEEP, f"{entry.dtype} is not a supported source precision; copied unchanged")
+        reason = f"{entry.dtype} is not a supported source precision; copied unchanged"
+        log.warning("tensor '%s': %s", name, reason)
+        return TensorPlan(entry, Action.KEEP, reason)
     if selection.keep_distillation and any(s in name for s in DISTILLATION_NAMES):
         return TensorPlan(
             entry, Action.KEEP, "distillation layer (--keep_distillation)", unit_scale=is_quantizable_weight(entry)

@@ -8,6 +8,7 @@ written the moment it is ready, and the file only appears under its final name w
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import mmap
@@ -185,11 +186,13 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
     return n
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def _tensor_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
+    """A zero-copy byte view of a CPU tensor, and the tensor that must outlive it."""
     flat = t.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return memoryview(b""), flat
+    return memoryview((ctypes.c_char * nbytes).from_address(flat.data_ptr())).cast("B"), flat
 
 
 class StreamingWriter:
@@ -262,7 +265,7 @@ class StreamingWriter:
     def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
         """Write one declared tensor's bytes (a CPU tensor of the declared dtype, or raw bytes)."""
         offset, nbytes = self._offsets[name]
-        payload = _tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
+        payload, _keep_alive = _tensor_bytes(data) if isinstance(data, torch.Tensor) else (memoryview(data), None)
         if payload.nbytes != nbytes:
             raise ValueError(f"tensor '{name}': {payload.nbytes} bytes given, {nbytes} declared")
         self._pwrite(payload, self._data_start + offset)
@@ -321,3 +324,17 @@ def _rename_no_clobber(source: Path, target: Path) -> None:
         os.replace(source, target)
         return
     os.unlink(source)
+
+
+def write_state_dict(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save a whole in-memory state dict atomically (like safetensors' save_file, without numpy)."""
+    declared = [
+        OutputTensor(name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size())
+        for name, t in tensors.items()
+    ]
+    with StreamingWriter(path, declared, metadata or {}, overwrite=True) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t.cpu())
+        return writer.commit()

@@ -231,6 +231,7 @@ def test_soak_with_random_interruptions(example_model: Path, tmp_path: Path) -> 
             assert not output.exists()
     leftovers = [p.name for p in out_dir.iterdir() if p.suffix == ".partial" or p.name.startswith(".")]
     assert leftovers == []
+    print(f"soak: {len(completed)} completed, {interrupted} interrupted, no leftovers")
     assert interrupted >= 10 and len(completed) >= 10
     for output in completed:
         assert_valid_output(example_model, output)
