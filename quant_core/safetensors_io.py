@@ -238,10 +238,10 @@ class StreamingWriter:
         self._fd = fd
         try:
             self._pwrite(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
-            os.ftruncate(fd, self._total_size)
-        except OSError as exc:
-            self.abort()
-            raise self._write_error(exc) from None
+            try:
+                os.ftruncate(fd, self._total_size)
+            except OSError as exc:
+                raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
@@ -275,23 +275,18 @@ class StreamingWriter:
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
         try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            self.abort()
-            raise self._write_error(exc) from None
-        os.close(self._fd)
-        self._fd = -1
-        try:
-            if self.overwrite:
-                os.replace(self.temp_path, self.target)
-            else:
-                _rename_no_clobber(self.temp_path, self.target)
-        except FileExistsError:
-            self.abort()
-            raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
-        except OSError as exc:
-            self.abort()
-            raise self._write_error(exc) from None
+            try:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+                if self.overwrite:
+                    os.replace(self.temp_path, self.target)
+                else:
+                    _rename_no_clobber(self.temp_path, self.target)
+            except FileExistsError:
+                raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
+            except OSError as exc:
+                raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
