@@ -12,9 +12,25 @@ from typing import Sequence
 from tqdm import tqdm
 
 from . import __version__
-from .convert import DEFAULT_METHOD, METHODS, ConvertOptions, convert_file, default_output_path
+from .convert import (
+    CALIBRATED_METHOD,
+    DEFAULT_METHOD,
+    METHODS,
+    NEEDS_STATISTICS,
+    ConvertOptions,
+    convert_file,
+    default_output_path,
+)
 from .errors import QuantError
 from .report import LayerReport, report_path_for
+
+
+class _ChosenMethod(argparse.Action):
+    """Stores --method and remembers it was given, so that --calib changes only the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.method_given = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib_samples",
         type=int,
         default=3072,
-        help="Calibration samples; recorded, unused by the data-free methods (they draw no random data).",
+        help="Calibration samples: the token cap where statistics are recorded (StatisticsRecorder max_tokens, "
+        "bench/bench_minilm.py); recorded here. The converter draws none: a --calib file brings its own tokens.",
+    )
+    parser.add_argument(
+        "--calib", metavar="FILE",
+        help="Input statistics (quant_core.calibration): calibrated rounding by default, and bias correction.",
     )
     parser.add_argument("--num_iter", type=int, default=256, help="Maximum search iterations per tensor (learned).")
     parser.add_argument("--top_k", type=int, default=1, help="Principal directions whose error the search cancels (learned).")
-    parser.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help="Rounding method.")
+    parser.add_argument(
+        "--method", choices=sorted(METHODS), default=DEFAULT_METHOD, action=_ChosenMethod,
+        help=f"Rounding method; with --calib the default is {CALIBRATED_METHOD}.",
+    )
+    parser.set_defaults(method_given=False)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N].")
     parser.add_argument(
         "--exclude", action="append", default=[], metavar="REGEX",
@@ -87,6 +112,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for flag in ("num_iter", "top_k", "calib_samples"):
         if getattr(args, flag) < 0 or (flag == "top_k" and args.top_k == 0):
             parser.error(f"--{flag} must be {'>= 1' if flag == 'top_k' else '>= 0'}")
+    if args.calib and not args.method_given:
+        args.method = CALIBRATED_METHOD
+    if args.method in NEEDS_STATISTICS and not args.calib:
+        parser.error(f"--method {args.method} needs --calib FILE (input statistics)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         exclude=tuple(args.exclude),
+        calib=args.calib,
         device=args.device,
         overwrite=args.overwrite,
     )

@@ -7,24 +7,27 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol
 
 import torch
 
 from . import __version__
+from .calibrated import bias_shift, calibrated_rounding, updown_rounding
+from .calibration import CalibrationStatistics, InputStatistics, statistics_for_weights
 from .errors import QuantError
 from .format import (
     MARKER_KEY,
     SCALE_DTYPE,
     already_scaled_reason,
     build_metadata,
+    layer_name,
     marker_shape,
     scale_input_key,
     scale_weight_key,
 )
 from .fp16 import choose_scale_exponent, exact_fp16_cast
 from .learned import learned_rounding
-from .plan import Action, Selection, TensorPlan, plan_tensors
+from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
 from .report import ConversionReport, LayerReport, peak_rss_bytes, report_path_for
 from .rounding import CHUNK_ELEMENTS, RoundingMethod, RoundingSettings, ScaledWeight, abs_max, round_nearest
 from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, StreamingWriter, tensor_nbytes
@@ -32,8 +35,15 @@ from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, Streamin
 log = logging.getLogger(__name__)
 
 TOOL_NAME = f"learned-rounding-fp16 {__version__}"
-METHODS: dict[str, RoundingMethod] = {"learned": learned_rounding, "rtn": round_nearest}
+METHODS: dict[str, RoundingMethod] = {
+    "learned": learned_rounding,
+    "rtn": round_nearest,
+    "calibrated": calibrated_rounding,
+    "updown": updown_rounding,
+}
 DEFAULT_METHOD = "learned"
+CALIBRATED_METHOD = "calibrated"  # the default when statistics are given
+NEEDS_STATISTICS = frozenset({"calibrated", "updown"})  # weights without statistics use DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class ConvertOptions:
     t5xxl: bool = False
     keep_distillation: bool = False
     exclude: tuple[str, ...] = ()
+    prefix: str = ""  # convert only tensors under this name prefix, and strip it (a checkpoint's component)
+    calib: str | None = None  # statistics file (quant_core.calibration) for calibrated rounding and bias correction
     device: str = "auto"
     overwrite: bool = False
     seed: int = 0
@@ -55,6 +67,7 @@ class ConvertOptions:
         for not_recorded in ("device", "overwrite"):
             recorded.pop(not_recorded)
         recorded["exclude"] = list(self.exclude)
+        recorded["calib"] = Path(self.calib).name if self.calib else None
         return recorded
 
 
@@ -105,17 +118,21 @@ class _Layout:
 
     tensors: list[OutputTensor] = field(default_factory=list)
     cast: set[str] = field(default_factory=set)
+    corrected_biases: dict[str, str] = field(default_factory=dict)  # bias -> its weight; keeps source dtype
 
     def declare(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.tensors.append(OutputTensor(name, dtype, shape, tensor_nbytes(dtype, shape)))
 
 
-def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool) -> _Layout:
-    layout = _Layout()
+def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool, calibrated: Collection[str] = ()) -> _Layout:
+    """`calibrated`: quantized weights with input statistics, whose biases get corrected."""
+    layout = _Layout(corrected_biases=_biases_to_correct(src, plans, calibrated))
     scale = DTYPE_NAMES[SCALE_DTYPE]
     for plan in plans:
         entry = plan.entry
-        if plan.action is Action.QUANTIZE:
+        if entry.name in layout.corrected_biases:
+            layout.declare(entry.name, entry.dtype, entry.shape)
+        elif plan.action is Action.QUANTIZE:
             layout.declare(entry.name, "F16", entry.shape)
             layout.declare(scale_weight_key(entry.name), scale, (1,))
             if t5xxl:
@@ -133,6 +150,39 @@ def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool) -> 
     if clash is not None:
         raise QuantError(f"{src.path}: the output would hold two tensors named '{clash}'; rename or --exclude it")
     return layout
+
+
+def _biases_to_correct(src: SafetensorsFile, plans: list[TensorPlan], calibrated: Collection[str]) -> dict[str, str]:
+    """Float biases (kept or cast, not dropped) of the weights in `calibrated`, with matching length."""
+    planned = {plan.name: plan for plan in plans}
+    biases = {}
+    for weight in calibrated:
+        plan = planned.get(layer_name(weight) + ".bias")
+        if (
+            plan is not None
+            and plan.action is not Action.DROP
+            and plan.entry.torch_dtype is not None
+            and plan.entry.torch_dtype.is_floating_point
+            and plan.entry.shape == (src.entries[weight].shape[0],)
+        ):
+            biases[plan.name] = weight
+    return biases
+
+
+def _corrected_bias(src: SafetensorsFile, name: str, weight: ScaledWeight, q: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """b + (W - W_q) E[x], in the bias's own dtype: zero mean output error on the calibration inputs."""
+    bias = src.tensor(name)
+    return (bias.to(torch.float64) + bias_shift(weight, q, mean)).to(bias.dtype)
+
+
+def _load_statistics(path: str, src: SafetensorsFile, plans: list[TensorPlan]) -> tuple[CalibrationStatistics, dict[str, str]]:
+    """The statistics file and weight -> recorded layer for the weights to quantize (QuantError if it does not fit)."""
+    stats = CalibrationStatistics.load(path)
+    weights = {plan.name: plan.entry.shape for plan in plans if plan.action is Action.QUANTIZE}
+    matched = statistics_for_weights(stats, weights, str(src.path))
+    if len(matched) < len(weights):
+        log.info("%d of %d weights have no statistics (embeddings, convolutions ...)", len(weights) - len(matched), len(weights))
+    return stats, matched
 
 
 def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
@@ -163,10 +213,13 @@ def _quantize(
     settings: RoundingSettings,
     device: torch.device,
     check_cancelled: Callable[[], None],
+    statistics: InputStatistics | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
     started = time.perf_counter()
     source = src.tensor(name)
-    outcome = METHODS[method_name](ScaledWeight(source, exponent, device, check_cancelled), settings)
+    if statistics is None and method_name in NEEDS_STATISTICS:
+        method_name = DEFAULT_METHOD  # no recorded inputs for this weight: the data-free method
+    outcome = METHODS[method_name](ScaledWeight(source, exponent, device, check_cancelled, statistics), settings)
     scale = torch.tensor([2.0**exponent], dtype=SCALE_DTYPE)
     stats = outcome.stats
     layer = LayerReport(
@@ -216,6 +269,8 @@ def convert_file(
     output_path = Path(output_path) if output_path else default_output_path(input_path, options.keep_distillation)
     if options.method not in METHODS:
         raise QuantError(f"unknown method '{options.method}'; choose one of {', '.join(METHODS)}")
+    if options.method in NEEDS_STATISTICS and not options.calib:
+        raise QuantError(f"method '{options.method}' needs input statistics: pass --calib FILE (see quant_core.calibration)")
     _check_paths(input_path, output_path, options.overwrite)
     device = resolve_device(options.device)
     settings = RoundingSettings(num_iter=options.num_iter, top_k=options.top_k, seed=options.seed)
@@ -225,22 +280,33 @@ def convert_file(
         reason = already_scaled_reason(src.entries)
         if reason:
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
+        src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
         selection = Selection(options.t5xxl, options.keep_distillation, options.exclude)
         plans = plan_tensors(src.entries.values(), selection)
-        layout = _plan_layout(src, plans, options.t5xxl)
+        calib, calibrated = _load_statistics(options.calib, src, plans) if options.calib else (None, {})
+        if calib is not None:
+            report.settings.update(calib_model=calib.model, calib_tokens=calib.tokens, calib_layers=len(calibrated))
+        layout = _plan_layout(src, plans, options.t5xxl, calibrated)
         exponents = _scale_exponents(src, plans, check_cancelled)
-        metadata = build_metadata(src.metadata, TOOL_NAME, {**options.settings(), "source": input_path.name})
+        metadata = build_metadata(src.metadata, TOOL_NAME, {**report.settings, "source": input_path.name})
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(plans):
                 check_cancelled()
                 if listener is not None:
                     listener.tensor_started(plan.name, index, len(plans))
                 layer = None
-                if plan.action is Action.QUANTIZE:
+                if plan.name in layout.corrected_biases:
+                    report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
+                elif plan.action is Action.QUANTIZE:
+                    stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
                     q, scale, layer = _quantize(
-                        src, plan.name, exponents[plan.name], options.method, settings, device, check_cancelled
+                        src, plan.name, exponents[plan.name], options.method, settings, device, check_cancelled, stats
                     )
                     writer.write(plan.name, q)
+                    bias = layer_name(plan.name) + ".bias"
+                    if bias in layout.corrected_biases:  # written here, whichever comes first in the file
+                        weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled)
+                        writer.write(bias, _corrected_bias(src, bias, weight, q, stats.mean))
                     writer.write(scale_weight_key(plan.name), scale)
                     if options.t5xxl:
                         writer.write(scale_input_key(plan.name), scale)

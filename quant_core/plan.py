@@ -7,11 +7,12 @@ their original precision with `scale_weight` 1; `--exclude` keeps user-chosen te
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -99,3 +100,21 @@ def plan_tensor(entry: TensorEntry, selection: Selection, patterns: Sequence[re.
 def plan_tensors(entries: Iterable[TensorEntry], selection: Selection) -> list[TensorPlan]:
     patterns = compile_patterns(selection.exclude)
     return [plan_tensor(e, selection, patterns) for e in entries]
+
+
+def select_prefix(entries: Mapping[str, TensorEntry], prefix: str, source: str) -> dict[str, TensorEntry]:
+    """The tensors whose names start with `prefix`, renamed without it (one component of a checkpoint).
+
+    Entries keep their file offsets, so a reader looking tensors up by the new names reads the right
+    bytes. An empty prefix selects everything unchanged.
+    """
+    if not prefix:
+        return dict(entries)
+    selected = {
+        name[len(prefix) :]: dataclasses.replace(entry, name=name[len(prefix) :])
+        for name, entry in entries.items()
+        if name.startswith(prefix) and len(name) > len(prefix)
+    }
+    if not selected:
+        raise QuantError(f"{source}: no tensor name starts with '{prefix}'; this file does not hold that component")
+    return selected

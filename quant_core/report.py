@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class ConversionReport:
         reference = sum(layer.reference_sq for layer in self.layers)
         return math.sqrt(error / reference) if reference > 0 else 0.0
 
+    @property
+    def method_counts(self) -> dict[str, int]:
+        """How many weights each rounding method handled (calibrated runs fall back per weight)."""
+        return dict(sorted(Counter(layer.method for layer in self.layers).items()))
+
     def summary(self) -> dict[str, Any]:
         return {
             "quantized": len(self.layers),
@@ -67,6 +73,7 @@ class ConversionReport:
             "quantized_elements": self.quantized_elements,
             "exact_fraction": self.exact_fraction,
             "relative_error": self.relative_error,
+            "methods": self.method_counts,
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
         }
@@ -79,6 +86,7 @@ class ConversionReport:
             f"{s['kept']} kept as is, {s['dropped']} dropped",
             f"quantized elements: {s['quantized_elements']:,} ({s['exact_fraction']:.2%} bit-exact after dequantization)",
             f"overall relative error: {s['relative_error']:.3e}",
+            "rounding: " + (", ".join(f"{method} {count}" for method, count in s["methods"].items()) or "none"),
             f"time: {s['seconds']:.2f} s, peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB",
         ]
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .fp16 import round_to_fp16, work_dtype_for
+
+if TYPE_CHECKING:
+    from .calibration import InputStatistics
 
 CHUNK_ELEMENTS = 1 << 20  # per-chunk working set stays in the tens of MB whatever the tensor size
 
@@ -42,6 +45,7 @@ class ScaledWeight:
         exponent: int,
         device: torch.device,
         on_chunk: Callable[[], None] | None = None,
+        statistics: InputStatistics | None = None,
     ):
         if source.ndim != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(source.shape)}")
@@ -53,17 +57,19 @@ class ScaledWeight:
         self.rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape[1]))
         self._factor = math.ldexp(1.0, -exponent)
         self._on_chunk = on_chunk
+        self.statistics = statistics  # of the layer's input, for methods that use data; others ignore it
 
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+    def chunks(self, rows_per_chunk: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield (row slice, scaled rows) covering the whole weight; scaling by 2**-e is exact."""
-        for start in range(0, self.shape[0], self.rows_per_chunk):
+        step = rows_per_chunk or self.rows_per_chunk
+        for start in range(0, self.shape[0], step):
             if self._on_chunk is not None:
                 self._on_chunk()
-            rows = slice(start, min(start + self.rows_per_chunk, self.shape[0]))
+            rows = slice(start, min(start + step, self.shape[0]))
             x = self.source[rows].to(self.device).to(self.work_dtype)
             yield rows, x * self._factor  # out of place: never write into the mapped source
 
