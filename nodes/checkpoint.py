@@ -1,0 +1,79 @@
+"""LoadCheckpointForQuant: pick a file (and a component of a full checkpoint) without loading it."""
+
+from __future__ import annotations
+
+from ..quant_core import QuantError
+from ..quant_core.safetensors_io import read_header
+from .handles import CATEGORY, SOURCE_TYPE, QuantSource
+from .paths import SOURCE_FOLDERS, resolve_model_file, safetensors_names
+
+# Tensor-name prefixes of each component in the full-checkpoint layouts ComfyUI loads, in the order
+# they are tried. Stripping them leaves the layout of a standalone file of that kind, which the
+# loader (and ComfyUI's own loaders) detect.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "everything": ("",),
+    "diffusion model": ("model.diffusion_model.", "model.model."),
+    "text encoder: CLIP-L": (
+        "cond_stage_model.transformer.",  # SD1.x
+        "conditioner.embedders.0.transformer.",  # SDXL
+        "text_encoders.clip_l.transformer.",  # SD3 / Flux all-in-one
+    ),
+    "text encoder: CLIP-G": ("text_encoders.clip_g.transformer.",),
+    "text encoder: T5XXL": ("text_encoders.t5xxl.transformer.",),
+}
+
+
+def source_choices() -> list[str]:
+    return [f"{folder}/{name}" for folder in SOURCE_FOLDERS for name in safetensors_names(folder)]
+
+
+def component_prefix(names: list[str], component: str, source: str) -> str:
+    """The prefix of `component` in a file with these tensor names."""
+    if component not in COMPONENTS:
+        raise QuantError(f"component '{component}': choose one of {', '.join(COMPONENTS)}")
+    for prefix in COMPONENTS[component]:
+        if any(n.startswith(prefix) for n in names):
+            return prefix
+    tried = ", ".join(f"'{p}'" for p in COMPONENTS[component])
+    raise QuantError(f"{source}: no {component} in this file (no tensor starts with {tried}); choose 'everything'")
+
+
+class LoadCheckpointForQuant:
+    """Chooses what to convert. Reads only the file's header: the weights stay on disk."""
+
+    DESCRIPTION = (
+        "Pick a safetensors file from checkpoints, diffusion_models or text_encoders to convert to scaled FP16."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (SOURCE_TYPE,)
+    RETURN_NAMES = ("source",)
+    OUTPUT_TOOLTIPS = ("A handle to the file; nothing is loaded until LearnedRoundingFP16 streams it.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model_file": (source_choices(), {"tooltip": "folder/file among ComfyUI's model folders"}),
+                "component": (
+                    list(COMPONENTS),
+                    {
+                        "default": "everything",
+                        "tooltip": "For full checkpoints: the part to convert (its prefix is stripped).",
+                    },
+                ),
+            }
+        }
+
+    def load(self, model_file: str, component: str) -> tuple[QuantSource]:
+        folder, _, name = model_file.partition("/")
+        if folder not in SOURCE_FOLDERS or not name:
+            raise QuantError(
+                f"'{model_file}': expected '<folder>/<file>' with folder one of {', '.join(SOURCE_FOLDERS)}"
+            )
+        path = resolve_model_file(folder, name)
+        header, _ = read_header(path)
+        names = [k for k in header if k != "__metadata__"]
+        prefix = component_prefix(names, component, model_file)
+        count = sum(1 for n in names if n.startswith(prefix))
+        return (QuantSource(str(path), model_file, component, prefix, count),)

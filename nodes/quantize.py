@@ -1,0 +1,152 @@
+"""LearnedRoundingFP16: run the converter inside a graph, streaming into ComfyUI's temp folder."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..quant_core import ConvertOptions, convert_file
+from ..quant_core.calibration import CalibrationStatistics
+from ..quant_core.convert import CALIBRATED_METHOD, DEFAULT_METHOD, METHODS
+from .calibrate import CALIBRATION_TYPE, statistics_file
+from ..quant_core.report import ConversionReport
+from .handles import CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
+from .progress import NodeProgress, layer_summary
+
+TEMP_SUBFOLDER = "learned_rounding_fp16"
+AUTO_METHOD = "auto"
+_DEFAULTS = ConvertOptions()
+
+
+def exclude_patterns(text: str) -> tuple[str, ...]:
+    """One regular expression per line; blank lines ignored."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def report_payload(report: ConversionReport) -> dict[str, Any]:
+    """What the node's front end draws: totals, summary lines, and per-layer error / exactness."""
+    return {
+        "summary": report.summary(),
+        "lines": report.summary_lines()[1:],  # without the temporary output path
+        "layers": [layer_summary(layer) for layer in report.layers],
+    }
+
+
+def temp_output_path(source: QuantSource) -> Path:
+    """A fresh file in ComfyUI's temp folder (emptied by ComfyUI at start-up)."""
+    import folder_paths
+
+    stem = Path(source.name).stem
+    return Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER, f"{stem}-{uuid.uuid4().hex[:12]}.safetensors")
+
+
+def compute_device() -> str:
+    """The device ComfyUI runs models on (honours --cpu and the selected GPU)."""
+    import comfy.model_management
+
+    return str(comfy.model_management.get_torch_device())
+
+
+class LearnedRoundingFP16:
+    """Converts the source to scaled FP16 with live progress; cancelling leaves no file behind."""
+
+    DESCRIPTION = (
+        "Scaled FP16 conversion with learned rounding (power-of-two scale per weight), streamed tensor by tensor."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (SCALED_TYPE, "STRING")
+    RETURN_NAMES = ("scaled_model", "report")
+    OUTPUT_TOOLTIPS = ("The converted file (temporary until saved).", "The conversion summary.")
+    FUNCTION = "quantize"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "source": (SOURCE_TYPE,),
+                "method": (
+                    [AUTO_METHOD, *METHODS],
+                    {
+                        "default": AUTO_METHOD,
+                        "tooltip": "auto: calibrated with a calibration connected, else learned; rtn: fastest",
+                    },
+                ),
+                "num_iter": (
+                    "INT",
+                    {"default": _DEFAULTS.num_iter, "min": 0, "max": 100000, "tooltip": "Max search iterations"},
+                ),
+                "top_k": (
+                    "INT",
+                    {"default": _DEFAULTS.top_k, "min": 1, "max": 64, "tooltip": "Principal directions kept"},
+                ),
+                "calib_samples": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.calib_samples,
+                        "min": 0,
+                        "max": 1 << 20,
+                        "tooltip": "Recorded; data-free methods use none",
+                    },
+                ),
+                "t5xxl": ("BOOLEAN", {"default": False, "tooltip": "Drop the decoder, keep norms/biases/embeddings"}),
+                "keep_distillation": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Keep Flux distillation layers as they are"},
+                ),
+                "exclude": (
+                    "STRING",
+                    {"default": "", "multiline": True, "tooltip": "Regexes, one per line: kept unquantized"},
+                ),
+            },
+            "optional": {
+                "calibration": (
+                    CALIBRATION_TYPE,
+                    {"tooltip": "Recorded activations (Calibrate nodes): calibrated rounding and bias correction"},
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def quantize(
+        self,
+        source: QuantSource,
+        method: str,
+        num_iter: int,
+        top_k: int,
+        calib_samples: int,
+        t5xxl: bool,
+        keep_distillation: bool,
+        exclude: str,
+        calibration: CalibrationStatistics | None = None,
+        unique_id: str | None = None,
+    ) -> dict[str, Any]:
+        import comfy.model_management
+        import folder_paths
+
+        if method == AUTO_METHOD:
+            method = CALIBRATED_METHOD if calibration is not None else DEFAULT_METHOD
+        temp_folder = Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER)
+        calib = statistics_file(calibration, temp_folder) if calibration is not None else None
+        options = ConvertOptions(
+            method=method,
+            calib=calib,
+            num_iter=num_iter,
+            top_k=top_k,
+            calib_samples=calib_samples,
+            t5xxl=t5xxl,
+            keep_distillation=keep_distillation,
+            exclude=exclude_patterns(exclude),
+            prefix=source.prefix,
+            device=compute_device(),
+        )
+        output = temp_output_path(source)
+        report = convert_file(
+            source.path,
+            output,
+            options,
+            listener=NodeProgress(unique_id),
+            check_cancelled=comfy.model_management.throw_exception_if_processing_interrupted,
+        )
+        handle = ScaledFP16File(str(output), source, report)
+        return {"ui": {"quant_report": [report_payload(report)]}, "result": (handle, "\n".join(report.summary_lines()))}

@@ -1,0 +1,309 @@
+"""The pack inside a real ComfyUI: a headless CPU server driven through its HTTP API.
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout (tested with 0.3.64). Run it with a Python
+that has ComfyUI's requirements installed, e.g.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -q tests/test_comfyui_integration.py
+
+(where torchvision/torchaudio have no build for the installed torch, put empty stand-in packages for
+them on PYTHONPATH: ComfyUI only imports them). The server gets a temporary --base-directory whose
+custom_nodes/ holds a symlink to this repository and whose models/ holds generated models
+(tests/tiny_models.py): an SD1.x checkpoint small enough for CPU (its UNet and a CLIP-L), a LoRA and
+a tiny autoencoder. The example workflows' API twins are posted as they are, except for the latent
+size and step count (64x64 pixels, 10 steps: a 512x512 image takes minutes per step on a CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_models
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "example_workflows"
+PACK_DIR_NAME = "learned_rounding_fp16"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the names the example workflows use
+LORA = "example_lora.safetensors"
+NODES = ("LoadCheckpointForQuant", "LearnedRoundingFP16", "SaveScaledFP16", "ScaledFP16Loader")
+START_TIMEOUT = 180
+PROMPT_TIMEOUT = 600
+
+
+class Server:
+    def __init__(self, base: Path, port: int, process: subprocess.Popen):
+        self.base, self.url, self.process = base, f"http://127.0.0.1:{port}", process
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return (self.base / "comfyui.log").read_text(errors="replace")[-chars:]
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, data: dict | None = None):
+        body = json.dumps(data or {}).encode()
+        request = urllib.request.Request(self.url + path, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def queue(self, prompt: dict) -> str:
+        try:
+            return self.post("/prompt", {"prompt": prompt, "client_id": "integration-test"})["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"prompt refused: {exc.read().decode()}") from None
+
+    def wait(self, prompt_id: str, timeout: float = PROMPT_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"]["status_str"] == "success" or entry["status"]["completed"] is False:
+                    return entry
+            time.sleep(0.25)
+        raise AssertionError(f"prompt {prompt_id} not finished after {timeout} s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = PROMPT_TIMEOUT) -> dict:
+        entry = self.wait(self.queue(prompt), timeout)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:]
+        return entry["outputs"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
+    tiny_models.write_models(base / "models", CHECKPOINT, LORA)
+    port = _free_port()
+    command = [
+        sys.executable,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+    ]
+    with open(base / "comfyui.log", "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    running = Server(base, port, process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited at start ({process.returncode}):\n{running.log_tail()}")
+            try:
+                running.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"ComfyUI did not answer within {START_TIMEOUT} s:\n{running.log_tail()}"
+                    ) from None
+                time.sleep(0.5)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API form of a UI workflow: widget values mapped to input names in the order ComfyUI declares them."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        values = iter(node["widgets_values"])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                if name in linked:
+                    _, origin, slot, *_ = linked[name]
+                    inputs[name] = [str(origin), slot]
+                    continue
+                spec = info["input"][section][name]
+                if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                    inputs[name] = next(values)
+                    if len(spec) > 1 and spec[1].get("control_after_generate"):
+                        next(values)  # the "fixed" / "randomize" widget
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def load_workflow(name: str) -> tuple[dict, dict]:
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    return ui, api
+
+
+def test_nodes_extension_and_examples_are_registered(server: Server) -> None:
+    info = server.get("/object_info")
+    for name in NODES:
+        assert info[name]["category"] == "quantization/scaled_fp16"
+        assert info[name]["python_module"] == f"custom_nodes.{PACK_DIR_NAME}"
+    assert info["SaveScaledFP16"]["output_node"] is True
+    assert info["ScaledFP16Loader"]["output"] == ["MODEL", "CLIP"]
+    assert f"/extensions/{PACK_DIR_NAME}/learned_rounding_fp16.js" in server.get("/extensions")
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["load_and_sample", "quantize_and_save"]
+
+
+@pytest.mark.parametrize("name", ["quantize_and_save", "load_and_sample"])
+def test_api_twins_are_the_ui_workflows(server: Server, name: str) -> None:
+    ui, api = load_workflow(name)
+    info = server.get("/object_info")
+    strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui_to_api(ui, info) == strip
+
+
+@pytest.fixture(scope="module")
+def saved(server: Server) -> dict:
+    """Example workflow 1: the checkpoint's UNet and CLIP-L quantized and saved."""
+    _, prompt = load_workflow("quantize_and_save")
+    outputs = server.run(prompt)
+    return outputs
+
+
+def test_quantize_and_save_writes_loadable_files(server: Server, saved: dict) -> None:
+    models = server.base / "models"
+    unet = saved["3"]["saved"][0]
+    clip = saved["6"]["saved"][0]
+    assert unet == {"filename": "sd15_unet_scaled_00001.safetensors", "subfolder": "", "type": "diffusion_models"}
+    assert clip == {"filename": "sd15_clip_l_scaled_00001.safetensors", "subfolder": "", "type": "text_encoders"}
+    unet_file = load_file(str(models / "diffusion_models" / unet["filename"]))
+    assert all(not k.startswith("model.diffusion_model.") for k in unet_file), "component prefix stripped"
+    assert unet_file["input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"].dtype == torch.float16
+    report = saved["2"]["quant_report"][0]
+    assert report["summary"]["quantized"] == len(report["layers"]) == 50  # the tiny UNet's Linear weights
+    assert 0 < report["summary"]["relative_error"] < 1e-3
+    listed = server.get("/object_info/ScaledFP16Loader")["ScaledFP16Loader"]["input"]["required"]
+    assert unet["filename"] in listed["unet_name"][0] and clip["filename"] in listed["clip_name"][0]
+    leftovers = [p for p in server.base.rglob("*.partial")]
+    assert leftovers == []
+
+
+def sampling_prompt(variant: str, lora_strength: float, tag: str) -> dict:
+    """Example workflow 2 at CPU size, with our loader or ComfyUI's stock loaders (same weights)."""
+    _, prompt = load_workflow("load_and_sample")
+    prompt = copy.deepcopy(prompt)
+    prompt["5"]["inputs"].update(width=64, height=64)
+    prompt["6"]["inputs"]["steps"] = 10
+    prompt["2"]["inputs"]["strength_model"] = lora_strength
+    prompt["10"]["inputs"]["filename_prefix"] = f"latents/{tag}"
+    if variant != "scaled":
+        unet = {"original": "tiny_sd15_fp32.safetensors", "fp16": "tiny_sd15_fp16.safetensors"}[variant]
+        prompt["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+        prompt["11"] = {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": "clip_l_fp32.safetensors", "type": "stable_diffusion"},
+        }
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if value == ["1", 1]:
+                    node["inputs"][name] = ["11", 0]
+    return prompt
+
+
+def test_scaled_model_samples_like_the_original_and_takes_loras_the_same_way(server: Server, saved: dict) -> None:
+    latents = {}
+    for variant in ("original", "fp16", "scaled"):
+        for strength in (0.0, 1.0):
+            tag = f"{variant}_lora{strength:g}"
+            outputs = server.run(sampling_prompt(variant, strength, tag))
+            (entry,) = outputs["10"]["latents"]
+            latents[tag] = load_file(str(server.base / "output" / entry["subfolder"] / entry["filename"]))[
+                "latent_tensor"
+            ]
+            assert outputs["9"]["images"], "the graph also decodes and saves the image"
+
+    def max_diff(a: str, b: str) -> float:
+        return float((latents[a] - latents[b]).abs().max())
+
+    scale = float(latents["original_lora0"].abs().max())
+    scaled_error, fp16_error = max_diff("scaled_lora0", "original_lora0"), max_diff("fp16_lora0", "original_lora0")
+    print(f"\nlatent range {scale:.3f}; max |diff| vs original: scaled_fp16 {scaled_error:.2e}, fp16 {fp16_error:.2e}")
+    assert scaled_error <= 1e-2 * scale, "float16-level agreement with the original model"
+    assert scaled_error <= 2 * fp16_error + 1e-5, "as close to the original as a plain float16 copy"
+
+    lora_effect = latents["original_lora1"] - latents["original_lora0"]
+    scaled_effect = latents["scaled_lora1"] - latents["scaled_lora0"]
+    effect_error = float((scaled_effect - lora_effect).abs().max())
+    print(f"LoRA effect: max {float(lora_effect.abs().max()):.3e}, scaled model's differs by {effect_error:.2e}")
+    assert float(lora_effect.abs().max()) > 20 * scaled_error, "the LoRA's effect stands well above quantization noise"
+    assert effect_error <= 0.05 * float(lora_effect.abs().max()), (
+        "same effect (a LoRA added in stored units is ~scale x off)"
+    )
+
+
+def test_cancel_during_quantization_leaves_no_file(server: Server, saved: dict) -> None:
+    _, workflow = load_workflow("quantize_and_save")
+    prompt = {k: workflow[k] for k in ("4", "5", "6")}  # the text encoder branch: the larger model
+    prompt["5"]["inputs"]["num_iter"] = 255  # not the cached run
+    prompt["6"]["inputs"]["filename_prefix"] = "cancelled"
+    temp = server.base / "temp" / "learned_rounding_fp16"
+    before = sorted(temp.iterdir())
+    prompt_id = server.queue(prompt)
+    deadline = time.monotonic() + 60
+    while not list(temp.glob(".*.partial")):  # the converter's output exists only while it runs
+        assert time.monotonic() < deadline, "the conversion never started"
+        time.sleep(0.02)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id, timeout=120)
+    messages = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in messages, messages
+    assert sorted(temp.iterdir()) == before, "no converted or partial file left in the temp folder"
+    assert not list((server.base / "models" / "text_encoders").glob("cancelled*"))
+
+
+def test_lora_through_full_load_and_lowvram_paths(tmp_path: Path) -> None:
+    """ModelPatcher's two ways of applying a LoRA to the pack's layers (in-process, own ComfyUI process)."""
+    script = ROOT / "tests" / "comfyui_patch_paths.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=COMFYUI_PATH,
+        capture_output=True,
+        text=True,
+        timeout=PROMPT_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n{result}")
+    assert result["lowvram_weight_functions"] == ["LowVramPatch"] and result["lowvram_weight_dtype"] == "torch.float16"
+    assert result["full_load_effect_error"] <= 0.01 * result["lora_effect"]
+    assert result["lowvram_effect_error"] <= 0.01 * result["lora_effect"]
+    assert result["unpatched_vs_unpatched"] == 0.0
