@@ -10,8 +10,9 @@ from .paths import SOURCE_FOLDERS, resolve_model_file, safetensors_names
 # Tensor-name prefixes of each component in the full-checkpoint layouts ComfyUI loads, in the order
 # they are tried. Stripping them leaves the layout of a standalone file of that kind, which the
 # loader (and ComfyUI's own loaders) detect.
+EVERYTHING = "everything"
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "everything": ("",),
+    EVERYTHING: ("",),
     "diffusion model": ("model.diffusion_model.", "model.model."),
     "text encoder: CLIP-L": (
         "cond_stage_model.transformer.",  # SD1.x
@@ -31,6 +32,8 @@ def component_prefix(names: list[str], component: str, source: str) -> str:
     """The prefix of `component` in a file with these tensor names."""
     if component not in COMPONENTS:
         raise QuantError(f"component '{component}': choose one of {', '.join(COMPONENTS)}")
+    if component == EVERYTHING:
+        return ""  # even a file with no tensors at all
     for prefix in COMPONENTS[component]:
         if any(n.startswith(prefix) for n in names):
             return prefix

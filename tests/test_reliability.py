@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +52,31 @@ def assert_valid_output(source: Path, output: Path) -> None:
             assert torch.equal(stored, original), name
 
 
+def run_node_graph(source: Path, output: Path) -> None:
+    """The ComfyUI path: load -> quantize -> save through the nodes (on the ComfyUI stand-in)."""
+    from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant
+    from learned_rounding_fp16_pack.nodes.quantize import LearnedRoundingFP16
+    from learned_rounding_fp16_pack.nodes.save import SaveScaledFP16
+
+    (handle,) = LoadCheckpointForQuant().load(f"checkpoints/{source.name}", "everything")
+    scaled = LearnedRoundingFP16().quantize(handle, "auto", 256, 1, 3072, False, False, "", unique_id="1")["result"][0]
+    saved = SaveScaledFP16().save(scaled, output.stem, "output")["result"][0]
+    produced = output.parent / saved
+    produced.rename(output)
+    produced.with_name(produced.stem + ".report.json").rename(output.with_name(output.stem + ".report.json"))
+
+
 def run_entry(entry: str, source: Path, output: Path, options: dict, capsys) -> str | None:
     """Run one entry point; return the error message, or None on success."""
+    if entry == "node":
+        from comfy_standin import harness
+
+        pack = harness.import_pack()  # the pack's own copy of quant_core, as ComfyUI imports it
+        try:
+            run_node_graph(source, output)
+        except pack.quant_core.QuantError as exc:
+            return str(exc)
+        return None
     if entry == "api":
         try:
             convert_file(source, output, ConvertOptions(**options))
@@ -68,13 +92,19 @@ def run_entry(entry: str, source: Path, output: Path, options: dict, capsys) -> 
     return err
 
 
-@pytest.mark.parametrize("entry", ["api", "cli"])
+@pytest.mark.parametrize("entry", ["api", "cli", "node"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_corpus(case: Case, entry: str, tmp_path: Path, capsys) -> None:
-    (tmp_path / "in").mkdir()
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    source = case.build(tmp_path / "in")
+    if entry == "node":  # ComfyUI's layout: the input in models/checkpoints, the output in output/
+        from comfy_standin import harness
+
+        folders = harness.configure_folders(tmp_path)
+        in_dir, out_dir, temp_dir = folders["checkpoints"], folders["output"], folders["temp"]
+    else:
+        in_dir, out_dir, temp_dir = tmp_path / "in", tmp_path / "out", None
+        in_dir.mkdir()
+        out_dir.mkdir()
+    source = case.build(in_dir)
     before = sha256(source)
     output = out_dir / "result.safetensors"
     message = run_entry(entry, source, output, case.options, capsys)
@@ -85,11 +115,11 @@ def test_corpus(case: Case, entry: str, tmp_path: Path, capsys) -> None:
         assert_valid_output(source, output)
     else:
         assert message is not None, "expected an error"
-        import re
-
         assert re.search(case.error, message), message
         assert list(out_dir.iterdir()) == [], "no output, no temporary file"
-    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["input.safetensors"]
+        if temp_dir is not None:
+            assert [p for p in temp_dir.rglob("*") if p.is_file()] == [], "nothing left in ComfyUI's temp folder"
+    assert sorted(p.name for p in in_dir.iterdir()) == ["input.safetensors"]
 
 
 def test_corpus_is_large_enough() -> None:
