@@ -17,6 +17,7 @@ from typing import Any
 from ..quant_core.calibration import DEFAULT_MAX_FULL_DIM, CalibrationStatistics, StatisticsRecorder
 from .handles import CATEGORY
 from .paths import relative_name, sanitize_prefix
+from .save import publish, subfolder
 
 CALIBRATION_TYPE = "CALIBRATION"
 CALIBRATION_FOLDER = "calibration"
@@ -221,12 +222,14 @@ class SaveCalibrationFP16:
     def save(self, calibration: CalibrationStatistics, filename_prefix: str) -> dict:
         root = Path(calibration_folders()[0])
         prefix = sanitize_prefix(filename_prefix)
-        folder = root / prefix.parent
-        counter = 1
-        while (path := folder / f"{prefix.name}_{counter:05d}.safetensors").exists():
-            counter += 1
-        calibration.save(path)
-        return {"ui": {"text": [f"saved {path.relative_to(root)}"]}}
+        folder = subfolder(root, prefix.parent)
+        staged = folder / f".{uuid.uuid4().hex}.partial"
+        try:
+            calibration.save(staged)
+            target = publish(staged, folder, prefix.name)  # first free <name>_NNNNN, never overwriting
+        finally:
+            staged.unlink(missing_ok=True)
+        return {"ui": {"text": [f"saved {target.relative_to(root)}"]}}
 
 
 class LoadCalibrationFP16:

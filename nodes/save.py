@@ -12,7 +12,7 @@ from typing import Any
 
 from ..quant_core import QuantError
 from ..quant_core.report import report_path_for
-from ..quant_core.safetensors_io import _rename_no_clobber
+from ..quant_core.safetensors_io import rename_no_clobber
 from .handles import CATEGORY, SCALED_TYPE, ScaledFP16File
 from .paths import DESTINATIONS, destination_root, sanitize_prefix
 
@@ -44,7 +44,7 @@ def publish(source: Path, folder: Path, stem: str) -> Path:
         for counter in range(1, MAX_COUNTER + 1):
             target = folder / f"{stem}_{counter:05}.safetensors"
             try:
-                _rename_no_clobber(staged, target)
+                rename_no_clobber(staged, target)
                 return target
             except FileExistsError:
                 continue

@@ -31,11 +31,11 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .errors import QuantError
 from .format import WEIGHT_SUFFIX
+from .safetensors_io import write_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +378,7 @@ class CalibrationStatistics:
             META_INPUTS: json.dumps(described, sort_keys=True),
             META_SETTINGS: json.dumps(self.settings, sort_keys=True),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return write_state_dict(tensors, path, metadata)  # atomic: complete or absent
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStatistics":

@@ -282,7 +282,7 @@ class StreamingWriter:
                 if self.overwrite:
                     os.replace(self.temp_path, self.target)
                 else:
-                    _rename_no_clobber(self.temp_path, self.target)
+                    rename_no_clobber(self.temp_path, self.target)
             except FileExistsError:
                 raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
             except OSError as exc:
@@ -307,7 +307,7 @@ class StreamingWriter:
             self.abort()
 
 
-def _rename_no_clobber(source: Path, target: Path) -> None:
+def rename_no_clobber(source: Path, target: Path) -> None:
     """Move source to target, raising FileExistsError rather than replacing an existing target."""
     try:
         os.link(source, target)  # atomic and refuses an existing name
