@@ -15,6 +15,7 @@ size and step count (64x64 pixels, 10 steps: a 512x512 image takes minutes per s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -93,10 +94,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
+@contextlib.contextmanager
+def running_server(base: Path):
+    """A ComfyUI server on a free local port, `base` its --base-directory (models generated there); always stopped."""
+    (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
     tiny_models.write_models(base / "models", CHECKPOINT, LORA)
     port = _free_port()
@@ -142,6 +143,12 @@ def server(tmp_path_factory) -> Server:
             process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    with running_server(tmp_path_factory.mktemp("comfy_base")) as running:
+        yield running
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API form of a UI workflow: widget values mapped to input names in the order ComfyUI declares them."""
     links = {link[0]: link for link in workflow["links"]}
@@ -180,7 +187,8 @@ def test_nodes_extension_and_examples_are_registered(server: Server) -> None:
     assert info["SaveScaledFP16"]["output_node"] is True
     assert info["ScaledFP16Loader"]["output"] == ["MODEL", "CLIP"]
     assert f"/extensions/{PACK_DIR_NAME}/learned_rounding_fp16.js" in server.get("/extensions")
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["load_and_sample", "quantize_and_save"]
+    templates = sorted(server.get("/workflow_templates")[PACK_DIR_NAME])
+    assert templates == ["calibrate_and_quantize", "load_and_sample", "quantize_and_save"]
 
 
 @pytest.mark.parametrize("name", ["quantize_and_save", "load_and_sample"])
