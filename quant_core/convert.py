@@ -153,7 +153,7 @@ def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool, cal
 
 
 def _biases_to_correct(src: SafetensorsFile, plans: list[TensorPlan], calibrated: Collection[str]) -> dict[str, str]:
-    """Float biases (kept or cast, not dropped) of the weights in `calibrated`, with matching length."""
+    """Float biases (kept or cast, not dropped or excluded) of the weights in `calibrated`, with matching length."""
     planned = {plan.name: plan for plan in plans}
     biases = {}
     for weight in calibrated:
@@ -161,6 +161,7 @@ def _biases_to_correct(src: SafetensorsFile, plans: list[TensorPlan], calibrated
         if (
             plan is not None
             and plan.action is not Action.DROP
+            and not plan.excluded
             and plan.entry.torch_dtype is not None
             and plan.entry.torch_dtype.is_floating_point
             and plan.entry.shape == (src.entries[weight].shape[0],)

@@ -41,6 +41,7 @@ class TensorPlan:
     action: Action
     reason: str
     unit_scale: bool = False  # kept weight that still gets scale_weight = 1 (distillation layers)
+    excluded: bool = False  # the user asked to keep it as it is (--exclude)
 
     @property
     def name(self) -> str:
@@ -89,7 +90,7 @@ def plan_tensor(entry: TensorEntry, selection: Selection, patterns: Sequence[re.
             entry, Action.KEEP, "distillation layer (--keep_distillation)", unit_scale=is_quantizable_weight(entry)
         )
     if any(p.search(name) for p in patterns):
-        return TensorPlan(entry, Action.CAST_IF_EXACT, "excluded by --exclude")
+        return TensorPlan(entry, Action.CAST_IF_EXACT, "excluded by --exclude", excluded=True)
     if selection.t5xxl and any(s in name for s in T5XXL_KEEP_NAMES):
         return TensorPlan(entry, Action.CAST_IF_EXACT, "T5XXL norm/bias/embedding kept (--t5xxl)")
     if is_quantizable_weight(entry):

@@ -213,6 +213,11 @@ def test_cli_calib_end_to_end(tmp_path, capsys):
     assert converted[bias].dtype == torch.float32  # corrected: source precision kept, never cast
     assert not torch.equal(converted[bias], model.blocks[0]["q"].bias.detach())
 
+    kept = tmp_path / "kept.safetensors"  # a bias the user excluded is left exactly as it is
+    assert main(["--input", str(source), "--output", str(kept), "--calib", str(stats_path), "-q",
+                 "--exclude", r"blocks\.0\.q\.bias$"]) == 0
+    assert torch.equal(load_file(str(kept))[bias].float(), model.blocks[0]["q"].bias.detach())
+
     def heldout_error(path) -> float:
         restored = dequantize_state_dict(load_file(str(path)))
         quantized = TinyModel()
