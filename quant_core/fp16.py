@@ -51,8 +51,7 @@ def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
     q = x.to(torch.float16)
     if x.dtype != torch.float64:
         return q  # float32 -> float16 is a single correctly rounded step
-    toward = torch.where(x > q.to(x.dtype), torch.full_like(q, math.inf), torch.full_like(q, -math.inf))
-    other = torch.nextafter(q, toward)
+    other = other_neighbour(x, q)  # q itself where x == q, which then stays (err_q == 0)
     err_q = (x - q.to(x.dtype)).abs()
     err_other = (x - other.to(x.dtype)).abs()
     other_is_even = (other.view(torch.int16) & 1) == 0
