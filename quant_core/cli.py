@@ -109,9 +109,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("num_iter", "top_k", "calib_samples"):
-        if getattr(args, flag) < 0 or (flag == "top_k" and args.top_k == 0):
-            parser.error(f"--{flag} must be {'>= 1' if flag == 'top_k' else '>= 0'}")
+    for flag, minimum in (("num_iter", 0), ("top_k", 1), ("calib_samples", 0)):
+        if getattr(args, flag) < minimum:
+            parser.error(f"--{flag} must be >= {minimum}")
     if args.calib and not args.method_given:
         args.method = CALIBRATED_METHOD
     if args.method in NEEDS_STATISTICS and not args.calib:
