@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .calibrated import bias_shift, calibrated_rounding, updown_rounding
-from .calibration import CalibrationStatistics, InputStatistics, statistics_for_weights
+from .calibration import CalibrationStatistics, statistics_for_weights
 from .errors import QuantError
 from .format import (
     MARKER_KEY,
@@ -207,25 +207,17 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
 
 
 def _quantize(
-    src: SafetensorsFile,
-    name: str,
-    exponent: int,
-    method_name: str,
-    settings: RoundingSettings,
-    device: torch.device,
-    check_cancelled: Callable[[], None],
-    statistics: InputStatistics | None = None,
+    src: SafetensorsFile, name: str, weight: ScaledWeight, method_name: str, settings: RoundingSettings
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
     started = time.perf_counter()
-    source = src.tensor(name)
-    if statistics is None and method_name in NEEDS_STATISTICS:
+    if weight.statistics is None and method_name in NEEDS_STATISTICS:
         method_name = DEFAULT_METHOD  # no recorded inputs for this weight: the data-free method
-    outcome = METHODS[method_name](ScaledWeight(source, exponent, device, check_cancelled, statistics), settings)
-    scale = torch.tensor([2.0**exponent], dtype=SCALE_DTYPE)
+    outcome = METHODS[method_name](weight, settings)
+    scale = torch.tensor([2.0**weight.exponent], dtype=SCALE_DTYPE)
     stats = outcome.stats
     layer = LayerReport(
         name=name,
-        shape=list(source.shape),
+        shape=list(weight.shape),
         source_dtype=src.entries[name].dtype,
         method=method_name,
         scale=float(scale),
@@ -300,13 +292,11 @@ def convert_file(
                     report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
                 elif plan.action is Action.QUANTIZE:
                     stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
-                    q, scale, layer = _quantize(
-                        src, plan.name, exponents[plan.name], options.method, settings, device, check_cancelled, stats
-                    )
+                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled, stats)
+                    q, scale, layer = _quantize(src, plan.name, weight, options.method, settings)
                     writer.write(plan.name, q)
                     bias = layer_name(plan.name) + ".bias"
                     if bias in layout.corrected_biases:  # written here, whichever comes first in the file
-                        weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled)
                         writer.write(bias, _corrected_bias(src, bias, weight, q, stats.mean))
                     writer.write(scale_weight_key(plan.name), scale)
                     if options.t5xxl:
