@@ -3,19 +3,25 @@
 Linear layers keep the file's float16 weight and `scale_weight` and dequantize at every forward, in
 the dtype ComfyUI computes in. Every other layer kind (embeddings, norms, convolutions) has its scale
 folded into the weight at load, because model code reads those weights directly (CLIP's position
-embedding, for one). `scale_input` (T5XXL-mode files) is accepted and ignored, as ComfyUI's scaled
-loaders do when inputs are not quantized.
+embedding, for one); after that it is an ordinary ComfyUI layer. `scale_input` (T5XXL-mode files) is
+accepted and ignored, as ComfyUI's scaled loaders do when inputs are not quantized.
 
-LoRA and other weight patches: ModelPatcher calls `convert_weight` (stored -> real units) before
-patching and `set_weight` (real -> stored) after. A patch may push a weight past float16's range at the
-layer's scale; such a layer then stores float32 (same scale) instead of overflowing to inf, and
-ComfyUI's restore of its backed-up weight brings the float16 tensor back unchanged.
+Weight patches (LoRA and the like) must see real units. ComfyUI reaches a layer's weight two ways:
+- the full-load path (`ModelPatcher.patch_weight_to_device`) calls the layer's `convert_weight`
+  (stored -> real, float32 here, so float16 LoRA math cannot overflow) and `set_weight` (real ->
+  stored at the layer's scale; float32 while patched if float16 would overflow there);
+- every other path (lowvram, partial loads, Dynamic VRAM) hands the layer patch functions
+  (`weight_function`, `weight_lowvram_function`) that ComfyUI's cast would apply to the stored
+  float16 values. A scaled Linear withholds them from that cast and applies them itself to the
+  dequantized float32 weight, so no path depends on ComfyUI calling the layer's hooks, and the
+  stored (or device-resident) float16 copy is never rewritten by a patch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -23,6 +29,9 @@ from ..quant_core.format import validated_scale
 
 SCALE = "scale_weight"
 INPUT_SCALE = "scale_input"
+# Where ComfyUI puts weight patches it expects the layer's cast to apply (the second one: Dynamic VRAM).
+PATCH_LISTS = ("weight_function",)
+PATCH_SLOTS = ("weight_lowvram_function",)
 
 
 def storage_tensor(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,6 +40,49 @@ def storage_tensor(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16 and not torch.isfinite(candidate).all() and torch.isfinite(stored).all():
         return stored.to(torch.float32)
     return candidate
+
+
+@contextlib.contextmanager
+def withheld_weight_patches(layer: torch.nn.Module) -> Iterator[list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """The layer's weight patches, in the order ComfyUI applies them, hidden from ComfyUI while inside.
+
+    Only the layer's own attributes are swapped (never the class-level empty defaults), and they
+    are put back on exit whatever happens.
+    """
+    own = layer.__dict__
+    slots = {name: own[name] for name in PATCH_SLOTS if own.get(name) is not None}
+    lists = {name: own[name] for name in PATCH_LISTS if own.get(name)}
+    patches = [*slots.values(), *(f for functions in lists.values() for f in functions)]
+    for name in slots:
+        setattr(layer, name, None)
+    for name in lists:
+        setattr(layer, name, [])
+    try:
+        yield patches
+    finally:
+        for name, value in (*slots.items(), *lists.items()):
+            setattr(layer, name, value)
+
+
+@contextlib.contextmanager
+def cast_stored(layer: torch.nn.Module, input: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(stored weight on the input's device in its storage dtype, bias in the input's dtype) via ComfyUI's cast.
+
+    Where ComfyUI has the offloadable cast (offload streams, Dynamic VRAM's pinned and resident
+    copies) the pair is used and released after the block; older versions have the plain cast.
+    """
+    import comfy.ops
+
+    if hasattr(comfy.ops, "uncast_bias_weight"):
+        weight, bias, stream = comfy.ops.cast_bias_weight(
+            layer, input, dtype=layer.weight.dtype, bias_dtype=input.dtype, offloadable=True
+        )
+        try:
+            yield weight, bias
+        finally:
+            comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
+    else:
+        yield comfy.ops.cast_bias_weight(layer, input, dtype=layer.weight.dtype, bias_dtype=input.dtype)
 
 
 class ScaleAware:
@@ -53,13 +105,57 @@ class ScaleAware:
         if key in state_dict and float(scale) != 1.0:
             state_dict[key] = state_dict[key].to(torch.float32) * scale
 
+
+class ScaledLinear(ScaleAware):
+    """Mixin for Linear: keeps float16 storage, applies the scale at forward, patches in real units."""
+
+    scale_fp16_exact = False
+    _patching = False  # True while this layer applies patch functions to its real-unit weight
+
+    def take_scale(self, state_dict: dict, prefix: str, scale: torch.Tensor) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != self.weight.dtype:
+            # Built in ComfyUI's dtype (float32 on CPU) the layer would hold an upcast copy: keep the file's.
+            empty = torch.empty(self.weight.shape, dtype=weight.dtype, device=self.weight.device)
+            self.weight = torch.nn.Parameter(empty, requires_grad=False)
+        # ComfyUI stages weights (Dynamic VRAM) in the dtype recorded when the model was built.
+        self.weight_comfy_model_dtype = self.weight.dtype
+        self.scale_weight = torch.nn.Parameter(torch.ones(1, device=self.weight.device), requires_grad=False)
+        state_dict[prefix + SCALE] = scale.reshape(1)  # loaded like any parameter: not reported missing
+        self.scale_fp16_exact = bool(scale.to(torch.float16).to(torch.float32) == scale)
+
+    def real_weight(self, stored: torch.Tensor, dtype: torch.dtype, patches: list[Callable]) -> torch.Tensor:
+        """The weight in real units and `dtype`, with `patches` applied in float32."""
+        scale = self.scale_weight.to(device=stored.device)
+        if not patches:
+            # One pass: a [1]-shaped scale takes part in type promotion. Multiply in float16 only when
+            # the scale is exact there (a single rounding); otherwise in float32.
+            work = dtype if dtype == torch.float16 and self.scale_fp16_exact else torch.float32
+            return (stored * scale.to(work)).to(dtype)
+        weight = stored.to(torch.float32) * scale
+        self._patching = True  # a patch written for older ComfyUI calls convert/set itself: identity now
+        try:
+            for patch in patches:
+                weight = patch(weight)
+        finally:
+            self._patching = False
+        return weight.to(dtype)
+
+    def forward_comfy_cast_weights(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if SCALE not in self._parameters:
+            return super().forward_comfy_cast_weights(input, *args, **kwargs)
+        with withheld_weight_patches(self) as patches, cast_stored(self, input) as (stored, bias):
+            return torch.nn.functional.linear(input, self.real_weight(stored, input.dtype, patches), bias)
+
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> torch.Tensor:
-        """Stored units -> real units (identity for layers without a scale)."""
+        """Stored units -> real units, float32 (ComfyUI may hand over float16 for its LoRA math)."""
         scale = self._parameters.get(SCALE)
-        if scale is None:
+        if scale is None or self._patching:
             return weight
-        scale = scale.to(device=weight.device, dtype=weight.dtype)
-        return weight.mul_(scale) if inplace else weight * scale
+        scale = scale.to(device=weight.device)
+        if inplace and weight.dtype == torch.float32:
+            return weight.mul_(scale)
+        return weight.to(torch.float32) * scale
 
     def set_weight(
         self,
@@ -69,9 +165,13 @@ class ScaleAware:
         return_weight: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor | None:
-        """Real units -> stored units. With return_weight (lowvram patches) the result stays float32."""
+        """Real units -> stored units at the layer's scale (with return_weight: float32, not stored)."""
         scale = self._parameters.get(SCALE)
-        stored = weight if scale is None else weight / scale.to(device=weight.device, dtype=weight.dtype)
+        if self._patching:
+            return weight
+        stored = weight.to(torch.float32)
+        if scale is not None:
+            stored = stored / scale.to(device=weight.device)
         if return_weight:
             return stored
         new = storage_tensor(stored, self.weight.dtype)
@@ -80,43 +180,6 @@ class ScaleAware:
         else:
             self.weight = torch.nn.Parameter(new, requires_grad=False)
         return None
-
-
-class ScaledLinear(ScaleAware):
-    """Mixin for Linear: keeps float16 storage and applies the scale at forward."""
-
-    scale_fp16_exact = False
-
-    def take_scale(self, state_dict: dict, prefix: str, scale: torch.Tensor) -> None:
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.dtype != self.weight.dtype:
-            # Built in ComfyUI's dtype (float32 on CPU) the layer would hold an upcast copy: keep the file's.
-            empty = torch.empty(self.weight.shape, dtype=weight.dtype, device=self.weight.device)
-            self.weight = torch.nn.Parameter(empty, requires_grad=False)
-        self.scale_weight = torch.nn.Parameter(torch.ones(1, device=self.weight.device), requires_grad=False)
-        state_dict[prefix + SCALE] = scale.reshape(1)  # loaded like any parameter: not reported missing
-        self.scale_fp16_exact = bool(scale.to(torch.float16).to(torch.float32) == scale)
-
-    def scaled_weight_bias(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight * scale_weight, bias) in the input's dtype and on its device."""
-        from comfy.ops import cast_bias_weight
-
-        compute = input.dtype
-        patched = len(self.weight_function) > 0
-        # Lowvram patches see float32 stored values and may hand back values beyond float16's range.
-        fetch = torch.float32 if patched else self.weight.dtype
-        weight, bias = cast_bias_weight(self, input, dtype=fetch, bias_dtype=compute)
-        # Multiply in float16 only when the scale is exact there (one rounding); otherwise in float32.
-        work = compute if compute == torch.float16 and self.scale_fp16_exact and not patched else torch.float32
-        # A [1]-shaped scale takes part in type promotion: casting and scaling are one pass.
-        weight = weight * self.scale_weight.to(device=weight.device, dtype=work)
-        return weight.to(compute), bias
-
-    def forward_comfy_cast_weights(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if SCALE not in self._parameters:
-            return super().forward_comfy_cast_weights(input, *args, **kwargs)
-        weight, bias = self.scaled_weight_bias(input)
-        return torch.nn.functional.linear(input, weight, bias)
 
 
 @functools.cache

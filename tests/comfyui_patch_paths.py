@@ -1,20 +1,31 @@
-"""A LoRA on a scaled model through ModelPatcher's full-load and lowvram paths, in real ComfyUI.
+"""A LoRA on the pack's scaled layers through every way ComfyUI applies weight patches, in real ComfyUI.
 
-A CPU always loads models fully, so the lowvram path is reached by asking ModelPatcher for it
-directly (`patch_model(lowvram_model_memory=1)`: every layer gets its patches as a per-forward
-weight function). Run by tests/test_comfyui_integration.py in ComfyUI's Python with the current
-directory set to ComfyUI; prints one JSON line of measurements.
+A CPU always loads models fully with float32 LoRA math; GPU users get other paths by default. Each
+path is reached here in-process, through ModelPatcher's own code: full load with float32 and with
+float16 LoRA math (`lora_compute_dtype`, ComfyUI >= 0.30), `patch_model(lowvram_model_memory=1)`
+(every layer patched per forward), `partially_load` and `partially_unload` (a mix of both), and
+`ModelPatcherDynamic` (Dynamic VRAM, where the version has it; see tests/emulated_dynamic_vram.py
+for what is emulated). For each path, at LoRA strength 1 and 16, it measures on every scaled Linear
+the LoRA's effect (layer output with minus without the LoRA, same input) against the same LoRA on the
+original float32 model loaded by ComfyUI's own loader (full load, float32 math), whether outputs stay
+finite, whether unpatching restores the model's output bit for bit, and how the scaled weights are
+stored. Run by tests/test_comfyui_patch_paths.py in ComfyUI's Python with ComfyUI's folder current:
 
-    cd ComfyUI && python /path/to/repo/tests/comfyui_patch_paths.py WORKDIR
+    cd ComfyUI && python /path/to/repo/tests/comfyui_patch_paths.py WORKDIR {unet,clip}
+
+and prints one JSON object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.getcwd())
@@ -24,6 +35,7 @@ from comfy.cli_args import args  # noqa: E402
 args.cpu = True
 
 import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import torch  # noqa: E402
@@ -36,63 +48,245 @@ spec = importlib.util.spec_from_file_location("pack", ROOT / "__init__.py", subm
 pack = importlib.util.module_from_spec(spec)
 sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
-from pack.nodes.loader import load_diffusion_model  # noqa: E402
+from pack.nodes.loader import load_diffusion_model, load_text_encoders  # noqa: E402
 from pack.quant_core import ConvertOptions, convert_file  # noqa: E402
 
 CPU = torch.device("cpu")
-LORA_LAYER = "diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k"
+STRENGTHS = (1.0, 16.0)
 
 
-def main(workdir: Path) -> None:
-    weights = tiny_models.tiny_unet_state_dict()
-    plain, scaled = workdir / "unet.safetensors", workdir / "unet_scaled.safetensors"
-    save_file(weights, str(plain))
-    convert_file(plain, scaled, ConvertOptions(method="rtn", overwrite=True))
-    lora = tiny_models.tiny_lora_state_dict()
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+@dataclass
+class Loaded:
+    """A model as ComfyUI holds it: the patcher the paths act on, and how to run the model."""
 
-    def forward(patcher) -> torch.Tensor:
+    patcher: object
+    run: Callable[[], torch.Tensor]
+
+
+class UNet:
+    """The tiny SD1.x UNet of tests/tiny_models.py; output: one denoiser evaluation."""
+
+    layer_prefix = "diffusion_model."
+    targets = [name for name in tiny_models.LORA_TARGETS if not name.endswith("proj_in")]  # the Linear ones
+
+    def __init__(self, workdir: Path):
+        self.plain, self.scaled = workdir / "unet.safetensors", workdir / "unet_scaled.safetensors"
+        save_file(tiny_models.tiny_unet_state_dict(), str(self.plain))
+        self.lora = tiny_models.tiny_lora_state_dict()
+        self.x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+
+    def _loaded(self, patcher, strength: float) -> Loaded:
+        if strength:
+            patcher = comfy.sd.load_lora_for_models(patcher, None, self.lora, strength, 0)[0]
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return patcher.model.apply_model(self.x, torch.tensor([1.0]), c_crossattn=self.context)
+
+        return Loaded(patcher, run)
+
+    def original(self, strength: float) -> Loaded:
+        return self._loaded(comfy.sd.load_diffusion_model(str(self.plain)), strength)
+
+    def ours(self, strength: float) -> Loaded:
+        return self._loaded(load_diffusion_model(self.scaled), strength)
+
+
+class CLIP:
+    """A full-size CLIP-L text encoder (random weights); output: the prompt's conditioning."""
+
+    layer_prefix = "clip_l.transformer."
+    targets = list(tiny_models.CLIP_LORA_TARGETS)
+
+    def __init__(self, workdir: Path):
+        self.plain, self.scaled = workdir / "clip_l.safetensors", workdir / "clip_l_scaled.safetensors"
+        save_file(tiny_models.clip_l_state_dict(), str(self.plain))
+        self.lora = tiny_models.clip_lora_state_dict()
+
+    def _loaded(self, clip, strength: float) -> Loaded:
+        # On a CPU ComfyUI loads a new text encoder fully at creation (on a GPU it starts unloaded): undo that.
+        comfy.model_management.unload_all_models()
+        for module in clip.patcher.model.modules():
+            comfy.model_patcher.wipe_lowvram_weight(module)
+        if strength:
+            clip = comfy.sd.load_lora_for_models(None, clip, self.lora, 0, strength)[1]
+        tokens = clip.tokenize("a photograph of an astronaut riding a horse")
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return clip.cond_stage_model.encode_token_weights(tokens)[0]
+
+        return Loaded(clip.patcher, run)
+
+    def original(self, strength: float) -> Loaded:
+        clip = comfy.sd.load_clip([str(self.plain)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+        return self._loaded(clip, strength)
+
+    def ours(self, strength: float) -> Loaded:
+        return self._loaded(load_text_encoders([self.scaled], "stable_diffusion"), strength)
+
+
+# --- the paths: each puts a patcher into its state and returns how to leave it -----------------------
+
+
+@contextlib.contextmanager
+def full_load(patcher, kind):
+    patcher.patch_model(device_to=CPU)
+    yield
+    patcher.unpatch_model(CPU)
+
+
+@contextlib.contextmanager
+def full_load_float16_math(patcher, kind):
+    table = comfy.model_management.LORA_COMPUTE_DTYPES
+    saved = table.get(CPU)
+    table[CPU] = torch.float16  # what lora_compute_dtype() picks on GPUs with fast float16
+    try:
+        with full_load(patcher, kind):
+            yield
+    finally:
+        table.pop(CPU) if saved is None else table.__setitem__(CPU, saved)
+
+
+@contextlib.contextmanager
+def lowvram(patcher, kind):
+    patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
+    yield
+    patcher.unpatch_model(CPU)
+
+
+FRACTIONS = [i / 20 for i in range(1, 20)]
+
+
+def mixed(patcher, kind) -> bool:
+    """Some LoRA-targeted layers patched in their stored weight and some per forward."""
+    return len(set(how_patched(patcher, kind).values())) == 2
+
+
+@contextlib.contextmanager
+def partially_loaded(patcher, kind):
+    """Everything lowvram, then `partially_load` with the first memory budget that loads some patched layers."""
+    for fraction in FRACTIONS:
+        patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
+        patcher.partially_load(CPU, extra_memory=int(patcher.model_size() * fraction))
+        if mixed(patcher, kind):
+            break
+        patcher.unpatch_model(CPU)
+    yield
+    patcher.unpatch_model(CPU)
+
+
+@contextlib.contextmanager
+def partially_unloaded(patcher, kind):
+    """Full load, then `partially_unload` with the first amount that unloads some patched layers."""
+    for fraction in FRACTIONS:
+        patcher.patch_model(device_to=CPU)
+        patcher.partially_unload(CPU, memory_to_free=int(patcher.model_size() * fraction))
+        if mixed(patcher, kind):
+            break
+        patcher.unpatch_model(CPU)
+    yield
+    patcher.unpatch_model(CPU)
+
+
+def paths() -> dict[str, Callable | str]:
+    """Path name -> context manager, or the reason this ComfyUI version does not have the path."""
+    have_float16_math = hasattr(comfy.model_management, "LORA_COMPUTE_DTYPES")
+    return {
+        "full load, float32 LoRA math": full_load,
+        "full load, float16 LoRA math": full_load_float16_math if have_float16_math else "no lora_compute_dtype",
+        "patch_model(lowvram_model_memory=1)": lowvram,
+        "partially_load": partially_loaded,
+        "partially_unload": partially_unloaded,
+        "ModelPatcherDynamic": "harness pending",
+    }
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def probe(loaded: Loaded, kind) -> dict[str, torch.Tensor]:
+    """Each LoRA-targeted layer's output on a fixed input, called as the model calls it."""
+    outputs = {}
+    for index, name in enumerate(kind.targets):
+        layer = comfy.utils.get_attr(loaded.patcher.model, kind.layer_prefix + name)
+        x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(100 + index))
         with torch.no_grad():
-            return patcher.model.apply_model(x, torch.tensor([1.0]), c_crossattn=context)
+            outputs[name] = layer(x)
+    return outputs
 
-    def full_load(patcher) -> torch.Tensor:
-        comfy.model_management.load_models_gpu([patcher])
-        return forward(patcher)
 
-    def with_lora(patcher):
-        return comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+def how_patched(patcher, kind) -> dict[str, str]:
+    """Per LoRA-targeted layer: per forward ('function') or into the stored weight ('stored')."""
+    result = {}
+    for name in kind.targets:
+        layer = comfy.utils.get_attr(patcher.model, kind.layer_prefix + name)
+        per_forward = layer.__dict__.get("weight_function") or layer.__dict__.get("weight_lowvram_function")
+        result[name] = "function" if per_forward else "stored"
+    return result
 
-    reference = full_load(comfy.sd.load_diffusion_model(str(plain)))
-    reference_lora = full_load(with_lora(comfy.sd.load_diffusion_model(str(plain))))
-    ours = full_load(load_diffusion_model(scaled))
-    ours_full = full_load(with_lora(load_diffusion_model(scaled)))
-    comfy.model_management.unload_all_models()
 
-    lowvram = with_lora(load_diffusion_model(scaled))
-    lowvram.patch_model(device_to=CPU, lowvram_model_memory=1)
-    layer = comfy.utils.get_attr(lowvram.model, LORA_LAYER)
-    functions = [type(f).__name__ for f in layer.weight_function]
-    ours_lowvram = forward(lowvram)
-    lowvram.unpatch_model(CPU)
-    ours_unpatched = forward(lowvram)
+def scaled_storage(loaded: Loaded) -> dict[str, int]:
+    """Bytes of the scaled Linear weights, per storage dtype."""
+    storage: dict[str, int] = {}
+    for module in loaded.patcher.model.modules():
+        if "scale_weight" in getattr(module, "_parameters", {}):
+            dtype = str(module.weight.dtype).removeprefix("torch.")
+            storage[dtype] = storage.get(dtype, 0) + module.weight.numel() * module.weight.element_size()
+    return storage
 
-    def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).abs().max())
 
-    print(
-        json.dumps(
-            {
-                "lora_effect": max_diff(reference_lora, reference),
-                "full_load_effect_error": max_diff(ours_full - ours, reference_lora - reference),
-                "lowvram_effect_error": max_diff(ours_lowvram - ours, reference_lora - reference),
-                "lowvram_weight_functions": functions,
-                "lowvram_weight_dtype": str(layer.weight.dtype),
-                "unpatched_vs_unpatched": max_diff(ours_unpatched, ours),
+def effect_agreement(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Projection of our LoRA effect on the reference's (1 = same size) and the relative residual."""
+    dot = float((ours * reference).sum())
+    norm_sq = float((reference * reference).sum())
+    return {"ratio": dot / norm_sq, "residual": float((ours - reference).norm()) / norm_sq**0.5}
+
+
+def measure(kind) -> dict:
+    reference_plain = kind.original(0)
+    with full_load(reference_plain.patcher, kind):
+        base_probe = probe(reference_plain, kind)
+    references = {}
+    for strength in STRENGTHS:
+        loaded = kind.original(strength)
+        with full_load(loaded.patcher, kind):
+            references[strength] = {n: out - base_probe[n] for n, out in probe(loaded, kind).items()}
+    ours_plain = kind.ours(0)
+    with full_load(ours_plain.patcher, kind):
+        our_base_probe, our_base_output = probe(ours_plain, kind), ours_plain.run()
+
+    results = {}
+    for path_name, path in paths().items():
+        if isinstance(path, str):
+            results[path_name] = {"skipped": path}
+            continue
+        per_strength = {}
+        for strength in STRENGTHS:
+            loaded = kind.ours(strength)
+            with path(loaded.patcher, kind):
+                outputs, output = probe(loaded, kind), loaded.run()
+                storage, mechanism = scaled_storage(loaded), how_patched(loaded.patcher, kind)
+            restored = loaded.run()
+            per_strength[str(strength)] = {
+                "layers": {
+                    n: effect_agreement(outputs[n] - our_base_probe[n], references[strength][n]) for n in kind.targets
+                },
+                "finite": bool(torch.isfinite(output).all()) and all(bool(torch.isfinite(o).all()) for o in outputs.values()),
+                "unpatched_equal": bool(torch.equal(restored, our_base_output)),
+                "storage_bytes": storage,
+                "patched_how": mechanism,
             }
-        )
-    )
+        results[path_name] = per_strength
+    return {"model": type(kind).__name__, "paths": results}
+
+
+def main(workdir: Path, model: str) -> None:
+    kind = {"unet": UNet, "clip": CLIP}[model](workdir)
+    convert_file(kind.plain, kind.scaled, ConvertOptions(method="rtn", overwrite=True))
+    print(json.dumps(measure(kind)))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from real_comfyui import requires_comfyui
 from test_comfyui_integration import (  # noqa: F401  (server: the module-scoped fixture)
-    COMFYUI_PATH,
     PROMPT_TIMEOUT,
     Server,
     load_workflow,
@@ -34,7 +34,7 @@ from test_comfyui_integration import (  # noqa: F401  (server: the module-scoped
     ui_to_api,
 )
 
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+pytestmark = requires_comfyui
 
 WORKFLOW = "calibrate_and_quantize"
 CALIBRATION_PROMPTS = (

@@ -1,10 +1,14 @@
 """The custom operations on their own: dequantization, dtypes, files of the original script, weight patches.
 
-Weight patches follow ModelPatcher's two paths (ComfyUI 0.3.64, comfy/model_patcher.py):
-- full load: temp = weight.float(); convert_weight(temp, inplace=True); patched = temp + delta;
-  set_weight(patched, inplace_update=..., seed=...) ; unpatch puts the backed-up weight Parameter back;
-- lowvram: the layer's weight_function gets the cast weight and returns
-  set_weight(convert_weight(w.float()) + delta, return_weight=True).to(w.dtype).
+Weight patches reach a layer the ways ComfyUI's ModelPatcher hands them over (comfy/model_patcher.py):
+- full load: temp = weight cast to the LoRA compute dtype (float32, or float16 on GPUs since 0.30);
+  convert_weight(temp, inplace=True) where the layer has it; patched = temp + delta; set_weight(patched,
+  inplace_update=..., seed=...) where the layer has it, else the patched tensor replaces the weight;
+  unpatch puts the backed-up weight Parameter back;
+- per forward (lowvram, partial loads): a function in the layer's `weight_function` list. Before 0.30 it
+  calls convert_weight / set_weight(return_weight=True) itself; from 0.30 it only adds the patch to
+  whatever weight it is given;
+- Dynamic VRAM (0.30): the same kind of function in the `weight_lowvram_function` slot.
 """
 
 from __future__ import annotations
@@ -14,14 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from comfy_standin import harness
+from safetensors.torch import load_file
 
 harness.import_pack()
 
 import comfy.ops  # noqa: E402
-
 from learned_rounding_fp16_pack.nodes.ops import scaled_fp16_ops  # noqa: E402
 from learned_rounding_fp16_pack.quant_core import QuantError  # noqa: E402
 
@@ -44,16 +46,33 @@ def real_weight(layer) -> torch.Tensor:
     return layer.weight.to(torch.float32) * layer.scale_weight
 
 
-def patch_full_load(layer, delta: torch.Tensor, inplace_update: bool = False) -> None:
-    temp = layer.weight.to(torch.float32, copy=True)
-    temp = layer.convert_weight(temp, inplace=True)
-    layer.set_weight(temp + delta, inplace_update=inplace_update, seed=123)
+def patch_full_load(layer, delta: torch.Tensor, inplace_update: bool = False, dtype=torch.float32) -> None:
+    temp = layer.weight.to(dtype, copy=True)
+    convert, store = getattr(layer, "convert_weight", None), getattr(layer, "set_weight", None)
+    if convert is not None:
+        temp = convert(temp, inplace=True)
+    patched = temp + delta.to(temp.dtype)
+    if store is not None:
+        store(patched, inplace_update=inplace_update, seed=123)
+    else:
+        layer.weight = torch.nn.Parameter(patched.to(layer.weight.dtype), requires_grad=False)
 
 
-def lowvram_patch(layer, delta: torch.Tensor):
+def converting_patch(layer, delta: torch.Tensor):
+    """A per-forward patch as ComfyUI before 0.30 builds it: it converts units itself."""
+
     def apply(weight: torch.Tensor) -> torch.Tensor:
         real = layer.convert_weight(weight.to(torch.float32, copy=True), inplace=True)
         return layer.set_weight(real + delta, seed=123, return_weight=True).to(dtype=weight.dtype)
+
+    return apply
+
+
+def adding_patch(delta: torch.Tensor):
+    """A per-forward patch as ComfyUI 0.30 builds it: it adds to the weight it is given, in its dtype."""
+
+    def apply(weight: torch.Tensor) -> torch.Tensor:
+        return weight + delta.to(weight.dtype)
 
     return apply
 
@@ -154,44 +173,86 @@ def test_bad_scales_are_refused_by_the_layer_too(bad) -> None:
 # --- weight patches (LoRA) -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inplace_update", [False, True])
-def test_full_load_patch_adds_in_real_units(linear, inplace_update: bool) -> None:
+def test_full_load_patch_adds_in_real_units(linear, inplace_update: bool, lora_dtype: torch.dtype) -> None:
     layer, x = linear
     before = real_weight(layer)
     delta = 0.01 * torch.randn_like(before)
     param = layer.weight
-    patch_full_load(layer, delta, inplace_update)
+    patch_full_load(layer, delta, inplace_update, dtype=lora_dtype)
     assert layer.weight.dtype == torch.float16 and (layer.weight is param) == inplace_update
     # stored in float16 at the layer's scale: within half a float16 step of the patched value
     torch.testing.assert_close(real_weight(layer), before + delta, rtol=2.0**-11, atol=2.0**-16 * 2.0**-24)
     assert torch.equal(layer(x), F.linear(x, real_weight(layer), layer.bias))
 
 
-def test_patch_beyond_float16_at_the_layer_scale_stays_finite_and_unpatches_exactly(linear) -> None:
+def test_convert_weight_gives_float32_real_units_from_float16(linear) -> None:
+    """Float16 LoRA math (ComfyUI 0.30 on GPUs): real values of a 2^-16-scaled weight overflow nothing in float32."""
+    layer, _ = linear
+    real = layer.convert_weight(layer.weight.to(torch.float16, copy=True), inplace=True)
+    assert real.dtype == torch.float32 and torch.equal(real, real_weight(layer))
+
+
+@pytest.mark.parametrize("strength", [1.0, 16.0])
+def test_patch_beyond_float16_at_the_layer_scale_stays_finite_and_unpatches_exactly(linear, strength: float) -> None:
     layer, x = linear
     backup = layer.weight  # what ModelPatcher keeps, and puts back on unpatch
     clean = layer(x)
     before = real_weight(layer)
     delta = torch.zeros_like(before)
-    delta[2, 3] = 5.0  # 5 / 2**-16 = 327680: beyond float16's 65504 at this scale
-    patch_full_load(layer, delta)
+    delta[2, 3] = 5.0 * strength  # 5 / 2**-16 = 327680: beyond float16's 65504 at this scale
+    patch_full_load(layer, delta, dtype=torch.float16)
     assert layer.weight.dtype == torch.float32 and torch.isfinite(layer.weight).all()
     torch.testing.assert_close(layer(x), F.linear(x, before + delta, layer.bias), rtol=1e-4, atol=1e-5)
     layer.weight = backup
     assert torch.equal(layer(x), clean)
 
 
-def test_lowvram_patch_matches_full_load(linear) -> None:
+PER_FORWARD_PATCHES = {
+    "weight_function, converting (before 0.30)": ("weight_function", lambda layer, delta: [converting_patch(layer, delta)]),
+    "weight_function, adding (0.30)": ("weight_function", lambda layer, delta: [adding_patch(delta)]),
+    "weight_lowvram_function (Dynamic VRAM)": ("weight_lowvram_function", lambda layer, delta: adding_patch(delta)),
+}
+
+
+@pytest.mark.parametrize("way", list(PER_FORWARD_PATCHES))
+def test_per_forward_patches_see_real_units_and_never_touch_the_stored_weight(linear, way: str) -> None:
+    layer, x = linear
+    attribute, make = PER_FORWARD_PATCHES[way]
+    before, stored = real_weight(layer), layer.weight.detach().clone()
+    delta = 0.01 * torch.randn_like(before)
+    delta[0, 0] = 4.0 * 16  # a strength-16 patch, far beyond float16 at the layer's scale
+    setattr(layer, attribute, make(layer, delta))
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, F.linear(x, before + delta, layer.bias), rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.weight, stored) and layer.weight.dtype == torch.float16
+    patch = getattr(layer, attribute)
+    assert patch is not None and patch != [], "the patch stays attached for the next forward"
+    setattr(layer, attribute, [] if attribute == "weight_function" else None)
+    torch.testing.assert_close(layer(x), F.linear(x, before, layer.bias), rtol=0, atol=0)
+
+
+def test_patches_apply_in_comfyui_order_lowvram_slot_first(linear) -> None:
     layer, x = linear
     before = real_weight(layer)
-    delta = 0.01 * torch.randn_like(before)
-    delta[0, 0] = 4.0  # also beyond float16 at the layer's scale
-    layer.weight_function = [lowvram_patch(layer, delta)]
-    out = layer(x)
-    assert layer.weight.dtype == torch.float16, "lowvram patches never change the stored weight"
-    torch.testing.assert_close(out, F.linear(x, before + delta, layer.bias), rtol=1e-4, atol=1e-5)
-    layer.weight_function = []
-    torch.testing.assert_close(layer(x), F.linear(x, before, layer.bias), rtol=0, atol=0)
+    layer.weight_lowvram_function = lambda w: w * 2
+    layer.weight_function = [lambda w: w + 1]
+    torch.testing.assert_close(layer(x), F.linear(x, before * 2 + 1, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_patch_leaves_the_layer_as_it_was(linear) -> None:
+    layer, x = linear
+
+    def broken(weight: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("patch failed")
+
+    layer.weight_function = [broken]
+    with pytest.raises(RuntimeError, match="patch failed"):
+        layer(x)
+    assert layer.weight_function == [broken] and not layer._patching
+    assert layer.convert_weight(layer.weight.float()).equal(real_weight(layer)), "conversion works again"
 
 
 def test_patching_a_folded_layer_uses_plain_units() -> None:

@@ -157,19 +157,35 @@ LORA_TARGETS = {
     "time_embed.0": (UNET_CHANNELS, TIME_DIM),
     "middle_block.1.proj_in": (UNET_CHANNELS, UNET_CHANNELS),
 }
+# Layers of CLIP-L a text-encoder LoRA patches (kohya names: lora_te_text_model_encoder_layers_<i>_<layer>).
+CLIP_LORA_TARGETS = {
+    "text_model.encoder.layers.0.self_attn.q_proj": (768, 768),
+    "text_model.encoder.layers.5.self_attn.v_proj": (768, 768),
+    "text_model.encoder.layers.11.mlp.fc1": (768, 3072),
+    "text_model.encoder.layers.11.mlp.fc2": (3072, 768),
+}
 
 
-def tiny_lora_state_dict(seed: int = 2, rank: int = 4, std: float = 0.05) -> dict[str, torch.Tensor]:
-    """A kohya-style LoRA (lora_unet_* keys) for the tiny UNet, strong enough to change its output clearly."""
+def _lora_state_dict(targets: dict[str, tuple[int, int]], prefix: str, seed: int, rank: int, std: float):
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for layer, (fan_in, fan_out) in LORA_TARGETS.items():
-        name = "lora_unet_" + layer.replace(".", "_")
+    for layer, (fan_in, fan_out) in targets.items():
+        name = prefix + layer.replace(".", "_")
         kernel = (1, 1) if layer.endswith("proj_in") else ()
         out[f"{name}.lora_down.weight"] = std * torch.randn((rank, fan_in, *kernel), generator=g)
         out[f"{name}.lora_up.weight"] = std * torch.randn((fan_out, rank, *kernel), generator=g)
         out[f"{name}.alpha"] = torch.tensor(float(rank))
     return out
+
+
+def tiny_lora_state_dict(seed: int = 2, rank: int = 4, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA (lora_unet_* keys) for the tiny UNet, strong enough to change its output clearly."""
+    return _lora_state_dict(LORA_TARGETS, "lora_unet_", seed, rank, std)
+
+
+def clip_lora_state_dict(seed: int = 4, rank: int = 4, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """A kohya-style text-encoder LoRA (lora_te_* keys) for CLIP-L."""
+    return _lora_state_dict(CLIP_LORA_TARGETS, "lora_te_", seed, rank, std)
 
 
 def taesd_state_dicts(seed: int = 3, std: float = 0.05) -> dict[str, dict[str, torch.Tensor]]:
