@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from real_comfyui import requires_comfyui
+from real_comfyui import require_comfyui
 from test_comfyui_integration import (  # noqa: F401  (server: the module-scoped fixture)
     PROMPT_TIMEOUT,
     Server,
@@ -34,7 +34,7 @@ from test_comfyui_integration import (  # noqa: F401  (server: the module-scoped
     ui_to_api,
 )
 
-pytestmark = requires_comfyui
+require_comfyui()
 
 WORKFLOW = "calibrate_and_quantize"
 CALIBRATION_PROMPTS = (

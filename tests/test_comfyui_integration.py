@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import tiny_models
 import torch
-from real_comfyui import COMFYUI_PATH, requires_comfyui
+from real_comfyui import COMFYUI_PATH, require_comfyui
 from safetensors.torch import load_file
 
-pytestmark = requires_comfyui
+require_comfyui()
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from real_comfyui import requires_comfyui, run_script
+from real_comfyui import require_comfyui, run_script
 
-pytestmark = requires_comfyui
+require_comfyui()
 
 SCRIPT = Path(__file__).with_name("comfyui_patch_paths.py")
 MODELS = ("unet", "clip")
