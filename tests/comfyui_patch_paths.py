@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 sys.path.append(str(ROOT / "tests"))
+import emulated_dynamic_vram  # noqa: E402
 import tiny_models  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
@@ -57,10 +58,15 @@ STRENGTHS = (1.0, 16.0)
 
 @dataclass
 class Loaded:
-    """A model as ComfyUI holds it: the patcher the paths act on, and how to run the model."""
+    """A model as ComfyUI holds it: the patcher the paths act on (LoRA added), the loader's own patcher, a run."""
 
     patcher: object
+    base: object
     run: Callable[[], torch.Tensor]
+
+
+def unchanged(patcher):
+    return patcher
 
 
 class UNet:
@@ -69,28 +75,33 @@ class UNet:
     layer_prefix = "diffusion_model."
     targets = [name for name in tiny_models.LORA_TARGETS if not name.endswith("proj_in")]  # the Linear ones
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, bf16_unet: bool = False):
         self.plain, self.scaled = workdir / "unet.safetensors", workdir / "unet_scaled.safetensors"
         save_file(tiny_models.tiny_unet_state_dict(), str(self.plain))
         self.lora = tiny_models.tiny_lora_state_dict()
         self.x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         self.context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+        self.bf16_unet = bf16_unet  # ComfyUI's --bf16-unet: the model is built in bfloat16
 
-    def _loaded(self, patcher, strength: float) -> Loaded:
-        if strength:
-            patcher = comfy.sd.load_lora_for_models(patcher, None, self.lora, strength, 0)[0]
+    def _loaded(self, base, strength: float) -> Loaded:
+        patcher = comfy.sd.load_lora_for_models(base, None, self.lora, strength, 0)[0] if strength else base
 
         def run() -> torch.Tensor:
             with torch.no_grad():
                 return patcher.model.apply_model(self.x, torch.tensor([1.0]), c_crossattn=self.context)
 
-        return Loaded(patcher, run)
+        return Loaded(patcher, base, run)
 
     def original(self, strength: float) -> Loaded:
         return self._loaded(comfy.sd.load_diffusion_model(str(self.plain)), strength)
 
-    def ours(self, strength: float) -> Loaded:
-        return self._loaded(load_diffusion_model(self.scaled), strength)
+    def ours(self, strength: float, convert: Callable = unchanged) -> Loaded:
+        saved, args.bf16_unet = args.bf16_unet, self.bf16_unet
+        try:
+            base = load_diffusion_model(self.scaled)
+        finally:
+            args.bf16_unet = saved
+        return self._loaded(convert(base), strength)
 
 
 class CLIP:
@@ -104,11 +115,13 @@ class CLIP:
         save_file(tiny_models.clip_l_state_dict(), str(self.plain))
         self.lora = tiny_models.clip_lora_state_dict()
 
-    def _loaded(self, clip, strength: float) -> Loaded:
+    def _loaded(self, clip, strength: float, convert: Callable = unchanged) -> Loaded:
         # On a CPU ComfyUI loads a new text encoder fully at creation (on a GPU it starts unloaded): undo that.
         comfy.model_management.unload_all_models()
         for module in clip.patcher.model.modules():
             comfy.model_patcher.wipe_lowvram_weight(module)
+        clip.patcher = convert(clip.patcher)
+        base = clip.patcher
         if strength:
             clip = comfy.sd.load_lora_for_models(None, clip, self.lora, 0, strength)[1]
         tokens = clip.tokenize("a photograph of an astronaut riding a horse")
@@ -117,89 +130,100 @@ class CLIP:
             with torch.no_grad():
                 return clip.cond_stage_model.encode_token_weights(tokens)[0]
 
-        return Loaded(clip.patcher, run)
+        return Loaded(clip.patcher, base, run)
 
     def original(self, strength: float) -> Loaded:
         clip = comfy.sd.load_clip([str(self.plain)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
         return self._loaded(clip, strength)
 
-    def ours(self, strength: float) -> Loaded:
-        return self._loaded(load_text_encoders([self.scaled], "stable_diffusion"), strength)
+    def ours(self, strength: float, convert: Callable = unchanged) -> Loaded:
+        return self._loaded(load_text_encoders([self.scaled], "stable_diffusion"), strength, convert)
 
 
-# --- the paths: each puts a patcher into its state and returns how to leave it -----------------------
-
-
-@contextlib.contextmanager
-def full_load(patcher, kind):
-    patcher.patch_model(device_to=CPU)
-    yield
-    patcher.unpatch_model(CPU)
+# --- the paths: each builds the model (`make(convert)`), puts it in its state and yields (loaded, unpatch) ---
 
 
 @contextlib.contextmanager
-def full_load_float16_math(patcher, kind):
+def full_load(make):
+    loaded = make(unchanged)
+    loaded.patcher.patch_model(device_to=CPU)
+    yield loaded, lambda: loaded.patcher.unpatch_model(CPU)
+
+
+@contextlib.contextmanager
+def full_load_float16_math(make):
     table = comfy.model_management.LORA_COMPUTE_DTYPES
     saved = table.get(CPU)
     table[CPU] = torch.float16  # what lora_compute_dtype() picks on GPUs with fast float16
     try:
-        with full_load(patcher, kind):
-            yield
+        with full_load(make) as state:
+            yield state
     finally:
         table.pop(CPU) if saved is None else table.__setitem__(CPU, saved)
 
 
 @contextlib.contextmanager
-def lowvram(patcher, kind):
-    patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
-    yield
-    patcher.unpatch_model(CPU)
+def lowvram(make):
+    loaded = make(unchanged)
+    loaded.patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
+    yield loaded, lambda: loaded.patcher.unpatch_model(CPU)
 
 
 FRACTIONS = [i / 20 for i in range(1, 20)]
 
 
-def mixed(patcher, kind) -> bool:
-    """Some LoRA-targeted layers patched in their stored weight and some per forward."""
-    return len(set(how_patched(patcher, kind).values())) == 2
+def mixed(loaded: Loaded, kind) -> bool:
+    """Some LoRA-targeted layers patched in their stored weight and some per forward (at strength 0: any)."""
+    return loaded.patcher is loaded.base or len(set(how_patched(loaded.patcher, kind).values())) == 2
 
 
 @contextlib.contextmanager
-def partially_loaded(patcher, kind):
+def partially_loaded(make, kind):
     """Everything lowvram, then `partially_load` with the first memory budget that loads some patched layers."""
+    loaded = make(unchanged)
+    patcher = loaded.patcher
     for fraction in FRACTIONS:
         patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
         patcher.partially_load(CPU, extra_memory=int(patcher.model_size() * fraction))
-        if mixed(patcher, kind):
+        if mixed(loaded, kind):
             break
         patcher.unpatch_model(CPU)
-    yield
-    patcher.unpatch_model(CPU)
+    yield loaded, lambda: patcher.unpatch_model(CPU)
 
 
 @contextlib.contextmanager
-def partially_unloaded(patcher, kind):
+def partially_unloaded(make, kind):
     """Full load, then `partially_unload` with the first amount that unloads some patched layers."""
+    loaded = make(unchanged)
+    patcher = loaded.patcher
     for fraction in FRACTIONS:
         patcher.patch_model(device_to=CPU)
         patcher.partially_unload(CPU, memory_to_free=int(patcher.model_size() * fraction))
-        if mixed(patcher, kind):
+        if mixed(loaded, kind):
             break
         patcher.unpatch_model(CPU)
-    yield
-    patcher.unpatch_model(CPU)
+    yield loaded, lambda: patcher.unpatch_model(CPU)
 
 
-def paths() -> dict[str, Callable | str]:
-    """Path name -> context manager, or the reason this ComfyUI version does not have the path."""
+@contextlib.contextmanager
+def dynamic_vram(make):
+    """ModelPatcherDynamic as ComfyUI loads it on an NVIDIA GPU (tests/emulated_dynamic_vram.py)."""
+    with emulated_dynamic_vram.emulated_dynamic_vram() as emulated:
+        loaded = make(emulated.dynamic)
+        comfy.model_management.load_models_gpu([loaded.patcher])
+        yield loaded, lambda: comfy.model_management.load_models_gpu([loaded.base])  # detaches the LoRA clone
+
+
+def paths(kind) -> dict[str, Callable | str]:
+    """Path name -> context manager over `make`, or the reason this ComfyUI version does not have the path."""
     have_float16_math = hasattr(comfy.model_management, "LORA_COMPUTE_DTYPES")
     return {
         "full load, float32 LoRA math": full_load,
         "full load, float16 LoRA math": full_load_float16_math if have_float16_math else "no lora_compute_dtype",
         "patch_model(lowvram_model_memory=1)": lowvram,
-        "partially_load": partially_loaded,
-        "partially_unload": partially_unloaded,
-        "ModelPatcherDynamic": "harness pending",
+        "partially_load": lambda make: partially_loaded(make, kind),
+        "partially_unload": lambda make: partially_unloaded(make, kind),
+        "ModelPatcherDynamic": emulated_dynamic_vram.unavailable_reason() or dynamic_vram,
     }
 
 
@@ -228,12 +252,13 @@ def how_patched(patcher, kind) -> dict[str, str]:
 
 
 def scaled_storage(loaded: Loaded) -> dict[str, int]:
-    """Bytes of the scaled Linear weights, per storage dtype."""
+    """Bytes of the scaled Linear weights, per storage dtype (and the dtype ComfyUI stages them in)."""
     storage: dict[str, int] = {}
     for module in loaded.patcher.model.modules():
         if "scale_weight" in getattr(module, "_parameters", {}):
-            dtype = str(module.weight.dtype).removeprefix("torch.")
-            storage[dtype] = storage.get(dtype, 0) + module.weight.numel() * module.weight.element_size()
+            for dtype in {module.weight.dtype, getattr(module, "weight_comfy_model_dtype", module.weight.dtype)}:
+                name = str(dtype).removeprefix("torch.")
+                storage[name] = storage.get(name, 0) + module.weight.numel() * module.weight.element_size()
     return storage
 
 
@@ -245,30 +270,33 @@ def effect_agreement(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, f
 
 
 def measure(kind) -> dict:
-    reference_plain = kind.original(0)
-    with full_load(reference_plain.patcher, kind):
+    with full_load(lambda convert: kind.original(0)) as (reference_plain, unpatch):
         base_probe = probe(reference_plain, kind)
+        unpatch()
     references = {}
     for strength in STRENGTHS:
-        loaded = kind.original(strength)
-        with full_load(loaded.patcher, kind):
+        with full_load(lambda convert, s=strength: kind.original(s)) as (loaded, unpatch):
             references[strength] = {n: out - base_probe[n] for n, out in probe(loaded, kind).items()}
-    ours_plain = kind.ours(0)
-    with full_load(ours_plain.patcher, kind):
+            unpatch()
+    with full_load(lambda convert: kind.ours(0)) as (ours_plain, unpatch):
         our_base_probe, our_base_output = probe(ours_plain, kind), ours_plain.run()
+        unpatch()
 
     results = {}
-    for path_name, path in paths().items():
+    for path_name, path in paths(kind).items():
         if isinstance(path, str):
             results[path_name] = {"skipped": path}
             continue
-        per_strength = {}
+        with path(lambda convert: kind.ours(0, convert)) as (loaded, unpatch):
+            plain_equal = bool(torch.equal(loaded.run(), our_base_output))
+            unpatch()
+        per_strength = {"plain_output_equal": plain_equal}
         for strength in STRENGTHS:
-            loaded = kind.ours(strength)
-            with path(loaded.patcher, kind):
+            with path(lambda convert, s=strength: kind.ours(s, convert)) as (loaded, unpatch):
                 outputs, output = probe(loaded, kind), loaded.run()
                 storage, mechanism = scaled_storage(loaded), how_patched(loaded.patcher, kind)
-            restored = loaded.run()
+                unpatch()
+                restored = loaded.run()
             per_strength[str(strength)] = {
                 "layers": {
                     n: effect_agreement(outputs[n] - our_base_probe[n], references[strength][n]) for n in kind.targets
@@ -282,8 +310,11 @@ def measure(kind) -> dict:
     return {"model": type(kind).__name__, "paths": results}
 
 
+MODELS = {"unet": UNet, "unet_bf16": lambda workdir: UNet(workdir, bf16_unet=True), "clip": CLIP}
+
+
 def main(workdir: Path, model: str) -> None:
-    kind = {"unet": UNet, "clip": CLIP}[model](workdir)
+    kind = MODELS[model](workdir)
     convert_file(kind.plain, kind.scaled, ConvertOptions(method="rtn", overwrite=True))
     print(json.dumps(measure(kind)))
 

@@ -379,14 +379,15 @@ class EmulatedDynamicVram:
     def dynamic(self, patcher):
         """A ModelPatcherDynamic on `patcher`'s model for the emulated GPU, built as ComfyUI's loaders build it.
 
-        `patcher` must come fresh from a loader (no patches, not loaded): apply LoRAs to the result
+        `patcher` must come fresh from a loader (no weight patches, not loaded; the object patches a loader
+        sets, such as a text encoder's compute dtype, are carried over): apply LoRAs to the result
         (comfy.sd.load_lora_for_models clones it, as in ComfyUI). Do not use `patcher` afterwards.
         """
         import comfy.model_patcher
 
         if patcher.is_dynamic():
             raise ValueError("the patcher is already dynamic")
-        if patcher.patches or patcher.object_patches or patcher.weight_wrapper_patches or patcher.backup:
+        if patcher.patches or patcher.weight_wrapper_patches or patcher.backup:
             raise ValueError("convert the patcher a loader returned, before patching or loading it")
         dynamic = comfy.model_patcher.ModelPatcherDynamic(
             patcher.model,
@@ -396,6 +397,7 @@ class EmulatedDynamicVram:
             weight_inplace_update=patcher.weight_inplace_update,
         )
         dynamic.cached_patcher_init = patcher.cached_patcher_init
+        dynamic.object_patches = dict(patcher.object_patches)  # what the loader set (a CLIP's manual_cast_dtype)
         return dynamic
 
     @contextmanager

@@ -2,8 +2,8 @@
 
 Runs tests/comfyui_patch_paths.py in real ComfyUI (one process per model) and checks, for each path
 and LoRA strength: the LoRA's effect on every patched scaled Linear within 2% of the same LoRA on the
-original float32 model, finite outputs, unpatching restores the output bit for bit, and Linear
-weights stay float16 unless a patch pushes a layer past float16's range at its scale on a path that
+original float32 model, without a LoRA the same output as a full load, finite outputs, unpatching
+restores the output bit for bit, and Linear weights stored and staged in float16 unless a patch pushes a layer past float16's range at its scale on a path that
 stores patched weights (then that layer is float32 while patched).
 """
 
@@ -17,7 +17,7 @@ from real_comfyui import require_comfyui, run_script
 require_comfyui()
 
 SCRIPT = Path(__file__).with_name("comfyui_patch_paths.py")
-MODELS = ("unet", "clip")
+MODELS = ("unet", "unet_bf16", "clip")  # unet_bf16: built in bfloat16, as with --bf16-unet
 PATHS = (
     "full load, float32 LoRA math",
     "full load, float16 LoRA math",
@@ -42,6 +42,7 @@ def test_lora_acts_in_real_units_on_every_path(measured: dict, model: str, path:
     if "skipped" in result:
         pytest.skip(f"{path}: not in this ComfyUI ({result['skipped']})")
     print(f"\n{model}, {path}:")
+    assert result.pop("plain_output_equal"), "without a LoRA the path must compute exactly what a full load does"
     for strength, outcome in result.items():
         ratios = [layer["ratio"] for layer in outcome["layers"].values()]
         residuals = [layer["residual"] for layer in outcome["layers"].values()]
