@@ -11,9 +11,10 @@ original float32 model loaded by ComfyUI's own loader (full load, float32 math),
 finite, whether unpatching restores the model's output bit for bit, and how the scaled weights are
 stored. Run by tests/test_comfyui_patch_paths.py in ComfyUI's Python with ComfyUI's folder current:
 
-    cd ComfyUI && python /path/to/repo/tests/comfyui_patch_paths.py WORKDIR {unet,clip}
+    cd ComfyUI && python /path/to/repo/tests/comfyui_patch_paths.py WORKDIR {unet,unet_bf16,clip} [cuda]
 
-and prints one JSON object.
+and prints one JSON object. With `cuda` (bench/gpu_check.sh) the same paths run on the GPU, and
+ModelPatcherDynamic is ComfyUI's real Dynamic VRAM instead of the emulation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ sys.path.insert(0, os.getcwd())
 
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = True
+ON_GPU = sys.argv[3:4] == ["cuda"]
+args.cpu = not ON_GPU
 
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
@@ -52,7 +54,8 @@ spec.loader.exec_module(pack)
 from pack.nodes.loader import load_diffusion_model, load_text_encoders  # noqa: E402
 from pack.quant_core import ConvertOptions, convert_file  # noqa: E402
 
-CPU = torch.device("cpu")
+OFFLOAD = torch.device("cpu")
+DEVICE = comfy.model_management.get_torch_device()
 STRENGTHS = (1.0, 16.0)
 
 
@@ -79,8 +82,8 @@ class UNet:
         self.plain, self.scaled = workdir / "unet.safetensors", workdir / "unet_scaled.safetensors"
         save_file(tiny_models.tiny_unet_state_dict(), str(self.plain))
         self.lora = tiny_models.tiny_lora_state_dict()
-        self.x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        self.context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+        self.x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        self.context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         self.bf16_unet = bf16_unet  # ComfyUI's --bf16-unet: the model is built in bfloat16
 
     def _loaded(self, base, strength: float) -> Loaded:
@@ -88,7 +91,8 @@ class UNet:
 
         def run() -> torch.Tensor:
             with torch.no_grad():
-                return patcher.model.apply_model(self.x, torch.tensor([1.0]), c_crossattn=self.context)
+                sigma = torch.tensor([1.0], device=DEVICE)
+                return patcher.model.apply_model(self.x, sigma, c_crossattn=self.context).to(OFFLOAD)
 
         return Loaded(patcher, base, run)
 
@@ -128,7 +132,7 @@ class CLIP:
 
         def run() -> torch.Tensor:
             with torch.no_grad():
-                return clip.cond_stage_model.encode_token_weights(tokens)[0]
+                return clip.cond_stage_model.encode_token_weights(tokens)[0].to(OFFLOAD)
 
         return Loaded(clip.patcher, base, run)
 
@@ -144,29 +148,51 @@ class CLIP:
 
 
 @contextlib.contextmanager
+def lora_math(dtype: torch.dtype):
+    """ComfyUI's LoRA compute dtype on the device (>= 0.30; float16 is its choice on GPUs with fast float16)."""
+    table = getattr(comfy.model_management, "LORA_COMPUTE_DTYPES", None)
+    if table is None:
+        yield  # older ComfyUI: always float32
+        return
+    saved = table.get(DEVICE)
+    table[DEVICE] = dtype
+    try:
+        yield
+    finally:
+        table.pop(DEVICE) if saved is None else table.__setitem__(DEVICE, saved)
+
+
+def back_to_base(loaded: Loaded) -> Callable[[], None]:
+    """Unpatch as ComfyUI does when the LoRA is removed, then load the model without it (runnable on the device)."""
+
+    def unpatch() -> None:
+        loaded.patcher.unpatch_model(OFFLOAD)
+        loaded.base.patch_model(device_to=DEVICE)
+
+    return unpatch
+
+
+@contextlib.contextmanager
 def full_load(make):
     loaded = make(unchanged)
-    loaded.patcher.patch_model(device_to=CPU)
-    yield loaded, lambda: loaded.patcher.unpatch_model(CPU)
+    with lora_math(torch.float32):
+        loaded.patcher.patch_model(device_to=DEVICE)
+    yield loaded, back_to_base(loaded)
 
 
 @contextlib.contextmanager
 def full_load_float16_math(make):
-    table = comfy.model_management.LORA_COMPUTE_DTYPES
-    saved = table.get(CPU)
-    table[CPU] = torch.float16  # what lora_compute_dtype() picks on GPUs with fast float16
-    try:
-        with full_load(make) as state:
-            yield state
-    finally:
-        table.pop(CPU) if saved is None else table.__setitem__(CPU, saved)
+    loaded = make(unchanged)
+    with lora_math(torch.float16):
+        loaded.patcher.patch_model(device_to=DEVICE)
+    yield loaded, back_to_base(loaded)
 
 
 @contextlib.contextmanager
 def lowvram(make):
     loaded = make(unchanged)
-    loaded.patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
-    yield loaded, lambda: loaded.patcher.unpatch_model(CPU)
+    loaded.patcher.patch_model(device_to=DEVICE, lowvram_model_memory=1)
+    yield loaded, back_to_base(loaded)
 
 
 FRACTIONS = [i / 20 for i in range(1, 20)]
@@ -183,12 +209,12 @@ def partially_loaded(make, kind):
     loaded = make(unchanged)
     patcher = loaded.patcher
     for fraction in FRACTIONS:
-        patcher.patch_model(device_to=CPU, lowvram_model_memory=1)
-        patcher.partially_load(CPU, extra_memory=int(patcher.model_size() * fraction))
+        patcher.patch_model(device_to=DEVICE, lowvram_model_memory=1)
+        patcher.partially_load(DEVICE, extra_memory=int(patcher.model_size() * fraction))
         if mixed(loaded, kind):
             break
-        patcher.unpatch_model(CPU)
-    yield loaded, lambda: patcher.unpatch_model(CPU)
+        patcher.unpatch_model(OFFLOAD)
+    yield loaded, back_to_base(loaded)
 
 
 @contextlib.contextmanager
@@ -197,33 +223,73 @@ def partially_unloaded(make, kind):
     loaded = make(unchanged)
     patcher = loaded.patcher
     for fraction in FRACTIONS:
-        patcher.patch_model(device_to=CPU)
-        patcher.partially_unload(CPU, memory_to_free=int(patcher.model_size() * fraction))
+        with lora_math(torch.float32):
+            patcher.patch_model(device_to=DEVICE)
+        patcher.partially_unload(OFFLOAD, memory_to_free=int(patcher.model_size() * fraction))
         if mixed(loaded, kind):
             break
-        patcher.unpatch_model(CPU)
-    yield loaded, lambda: patcher.unpatch_model(CPU)
+        patcher.unpatch_model(OFFLOAD)
+    yield loaded, back_to_base(loaded)
 
 
 @contextlib.contextmanager
-def dynamic_vram(make):
-    """ModelPatcherDynamic as ComfyUI loads it on an NVIDIA GPU (tests/emulated_dynamic_vram.py)."""
+def emulated_dynamic_vram_path(make):
+    """ModelPatcherDynamic as ComfyUI loads it on an NVIDIA GPU, emulated on the CPU (tests/emulated_dynamic_vram.py)."""
     with emulated_dynamic_vram.emulated_dynamic_vram() as emulated:
         loaded = make(emulated.dynamic)
         comfy.model_management.load_models_gpu([loaded.patcher])
         yield loaded, lambda: comfy.model_management.load_models_gpu([loaded.base])  # detaches the LoRA clone
 
 
+def start_gpu_dynamic_vram() -> str | None:
+    """Initialise comfy_aimdo as ComfyUI's main.py does on NVIDIA GPUs; the reason where it cannot."""
+    import comfy_aimdo.control
+
+    try:
+        comfy_aimdo.control.init()
+        started = comfy_aimdo.control.init_devices(d.index for d in comfy.model_management.get_all_torch_devices())
+    except Exception as exc:  # a missing or mismatched native library, or an older protocol
+        return f"comfy_aimdo did not start: {exc}"
+    return None if started else "comfy_aimdo found no device"
+
+
+@contextlib.contextmanager
+def gpu_dynamic_vram_path(make):
+    """ModelPatcherDynamic on the GPU, built by ComfyUI's loaders as with Dynamic VRAM enabled."""
+    import comfy.memory_management
+
+    saved = comfy.model_patcher.CoreModelPatcher, comfy.memory_management.aimdo_enabled
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    try:
+        loaded = make(unchanged)
+        comfy.model_management.load_models_gpu([loaded.patcher])
+        yield loaded, lambda: comfy.model_management.load_models_gpu([loaded.base])  # detaches the LoRA clone
+    finally:
+        comfy.model_management.unload_all_models()
+        comfy.model_patcher.CoreModelPatcher, comfy.memory_management.aimdo_enabled = saved
+
+
+def dynamic_vram_path() -> Callable | str:
+    """The ModelPatcherDynamic path for this device, or why it is not available."""
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return "comfy.model_patcher has no ModelPatcherDynamic (this ComfyUI has no Dynamic VRAM)"
+    if ON_GPU:
+        return start_gpu_dynamic_vram() or gpu_dynamic_vram_path
+    return emulated_dynamic_vram.unavailable_reason() or emulated_dynamic_vram_path
+
+
 def paths(kind) -> dict[str, Callable | str]:
     """Path name -> context manager over `make`, or the reason this ComfyUI version does not have the path."""
     have_float16_math = hasattr(comfy.model_management, "LORA_COMPUTE_DTYPES")
+    dynamic = dynamic_vram_path()
     return {
         "full load, float32 LoRA math": full_load,
         "full load, float16 LoRA math": full_load_float16_math if have_float16_math else "no lora_compute_dtype",
         "patch_model(lowvram_model_memory=1)": lowvram,
         "partially_load": lambda make: partially_loaded(make, kind),
         "partially_unload": lambda make: partially_unloaded(make, kind),
-        "ModelPatcherDynamic": emulated_dynamic_vram.unavailable_reason() or dynamic_vram,
+        "ModelPatcherDynamic": dynamic,
     }
 
 
@@ -235,9 +301,9 @@ def probe(loaded: Loaded, kind) -> dict[str, torch.Tensor]:
     outputs = {}
     for index, name in enumerate(kind.targets):
         layer = comfy.utils.get_attr(loaded.patcher.model, kind.layer_prefix + name)
-        x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(100 + index))
+        x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(100 + index)).to(DEVICE)
         with torch.no_grad():
-            outputs[name] = layer(x)
+            outputs[name] = layer(x).to(OFFLOAD)
     return outputs
 
 
