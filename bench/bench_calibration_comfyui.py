@@ -46,7 +46,7 @@ def main() -> None:
 
     import test_comfyui_calibration as graphs
     from quant_core.calibration import CalibrationStatistics
-    from test_comfyui_integration import running_server
+    from comfyui_server import running_server
 
     rows = []
     started = time.monotonic()
