@@ -129,13 +129,6 @@ class RoundingOutcome:
 RoundingMethod = Callable[[ScaledWeight, RoundingSettings], RoundingOutcome]
 
 
-def measure(weight: ScaledWeight, q: torch.Tensor) -> ErrorStats:
-    stats = ErrorStats()
-    for rows, x in weight.chunks():
-        stats.add(x, q[rows].to(weight.device))
-    return stats
-
-
 def round_nearest(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
     """Scaled round-to-nearest (ties to even): the fast baseline, one pass."""
     q = torch.empty(weight.shape, dtype=torch.float16)
