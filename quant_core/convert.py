@@ -28,7 +28,8 @@ from .format import (
 from .fp16 import choose_scale_exponent, exact_fp16_cast
 from .learned import learned_rounding
 from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
-from .report import ConversionReport, LayerReport, peak_rss_bytes, report_path_for
+from .peak_memory import peak_rss_bytes
+from .report import ConversionReport, LayerReport, report_path_for
 from .rounding import CHUNK_ELEMENTS, RoundingMethod, RoundingSettings, ScaledWeight, abs_max, round_nearest
 from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, StreamingWriter, tensor_nbytes
 
