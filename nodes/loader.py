@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
 from ..quant_core import QuantError
 from ..quant_core.format import MARKER_KEY, validate_scaled_state_dict
+from ..quant_core.safetensors_io import open_safetensors
 from .handles import CATEGORY
 from .ops import scaled_fp16_ops
 from .paths import resolve_model_file, safetensors_names
@@ -31,12 +31,9 @@ def read_scaled_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, flo
 
     A file without the marker is returned as is (the operations run plain weights unchanged).
     """
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
-    except Exception as exc:  # the library raises several types for malformed files
-        raise QuantError(f"{path}: not a valid safetensors file ({exc})") from None
+    with open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
     if MARKER_KEY not in tensors:
         log.info("%s has no '%s' marker: loading it as plain weights", path, MARKER_KEY)
         return tensors, {}

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .errors import QuantError
 from .format import WEIGHT_SUFFIX
-from .safetensors_io import write_state_dict
+from .safetensors_io import open_safetensors, write_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -386,12 +385,9 @@ class CalibrationStatistics:
         path = Path(path)
         if not path.is_file():
             raise QuantError(f"{path}: statistics file not found")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-                keys = set(f.keys())
-        except Exception as exc:  # the library raises several types for malformed files
-            raise QuantError(f"{path}: not a valid safetensors file ({exc})") from None
+        with open_safetensors(path, remedy="record the statistics again") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
         if meta.get(META_FORMAT) != FORMAT_NAME:
             raise QuantError(
                 f"{path}: not a calibration statistics file (no '{META_FORMAT}' metadata); "
@@ -430,7 +426,7 @@ class _StoredInputs(Mapping[str, InputStatistics]):
 
     def __getitem__(self, group: str) -> InputStatistics:
         dim, tokens = self.described[group]
-        with safe_open(str(self.path), "pt") as f:
+        with open_safetensors(self.path, remedy="record the statistics again") as f:
             tensors = {name: f.get_tensor(f"{group}.{name}") for name in _TENSOR_NAMES if f"{group}.{name}" in self.keys}
         try:
             stats = InputStatistics(tokens, **tensors)

@@ -8,6 +8,7 @@ written the moment it is ready, and the file only appears under its final name w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -17,7 +18,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -104,6 +105,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, _HEADER_SIZE_BYTES + header_len
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, remedy: str = "re-download or re-export it") -> Iterator[Any]:
+    """`safe_open` on the CPU, with whatever the library raises for a malformed file (several types) as a QuantError."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except QuantError:
+        raise
+    except Exception as exc:
+        raise QuantError(f"{path}: not a valid safetensors file ({exc}); {remedy}") from None
+
+
 class SafetensorsFile:
     """A validated, read-only, memory-mapped safetensors file."""
 
@@ -111,12 +124,9 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise QuantError(f"{self.path}: input file not found")
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                names = list(f.keys())
-                self.metadata: dict[str, str] = dict(f.metadata() or {})
-        except Exception as exc:  # the library raises several types for malformed files
-            raise QuantError(f"{self.path}: not a valid safetensors file ({exc}); re-download or re-export it") from None
+        with open_safetensors(self.path) as f:
+            names = list(f.keys())
+            self.metadata: dict[str, str] = dict(f.metadata() or {})
         header, data_start = read_header(self.path)
         self.entries: dict[str, TensorEntry] = {}
         for name in names:
