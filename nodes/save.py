@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..quant_core import QuantError
 from ..quant_core.report import report_path_for
-from ..quant_core.safetensors_io import rename_no_clobber
+from ..quant_core.staging import StagedFile
 from .handles import CATEGORY, SCALED_TYPE, ScaledFP16File
 from .paths import DESTINATIONS, destination_root, sanitize_prefix
 
@@ -21,36 +18,16 @@ log = logging.getLogger(__name__)
 MAX_COUNTER = 99999
 
 
-def _stage(source: Path, folder: Path) -> Path:
-    """A hidden complete copy of `source` inside `folder`: a hard link when possible, else a synced copy."""
-    staged = folder / f".{uuid.uuid4().hex}.partial"
-    try:
-        os.link(source, staged)  # same filesystem: no copy, and the temp file stays for a re-run
-    except OSError:
-        try:
-            shutil.copyfile(source, staged)
-            with open(staged, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            staged.unlink(missing_ok=True)
-            raise QuantError(f"{folder}: cannot write the model ({exc.strerror or exc}); check free space") from None
-    return staged
-
-
 def publish(source: Path, folder: Path, stem: str) -> Path:
-    """Place `source` at the first free `<stem>_NNNNN.safetensors` in `folder`; returns that path."""
-    staged = _stage(source, folder)
+    """Place a copy of `source` at the first free `<stem>_NNNNN.safetensors` in `folder`; returns that path."""
     try:
-        for counter in range(1, MAX_COUNTER + 1):
-            target = folder / f"{stem}_{counter:05}.safetensors"
-            try:
-                rename_no_clobber(staged, target)
-                return target
-            except FileExistsError:
-                continue
+        with StagedFile.copy_of(source, folder) as staged:
+            target = staged.place_first_free(folder / f"{stem}_{n:05}.safetensors" for n in range(1, MAX_COUNTER + 1))
+    except OSError as exc:
+        raise QuantError(f"{folder}: cannot write the model ({exc.strerror or exc}); check free space") from None
+    if target is None:
         raise QuantError(f"{folder}: every name {stem}_00001 .. _{MAX_COUNTER} is taken; choose another prefix")
-    finally:
-        staged.unlink(missing_ok=True)
+    return target
 
 
 def subfolder(root: Path, rel: PurePosixPath) -> Path:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .staging import write_atomically
+
 
 @dataclass
 class LayerReport:
@@ -104,15 +106,8 @@ class ConversionReport:
         return json.dumps(data, indent=1, allow_nan=False)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        """Atomic write (temporary file + rename), like the model file itself."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            tmp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Atomic write (hidden file + rename), like the model file itself."""
+        return write_atomically(path, self.to_json().encode("utf-8"))
 
 
 def report_path_for(output: str | os.PathLike) -> Path:

@@ -15,7 +15,6 @@ import logging
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import QuantError
+from .staging import StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 _DTYPE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
                 "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL")
 _HEADER_SIZE_BYTES = 8
-_WRITE_BLOCK = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def open_safetensors(path: str | os.PathLike, remedy: str = "re-download or re-e
             yield handle
     except QuantError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (the library raises several types for malformed files)
         raise QuantError(f"{path}: not a valid safetensors file ({exc}); {remedy}") from None
 
 
@@ -208,7 +207,7 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 class StreamingWriter:
     """Writes a safetensors file whose header is fixed up front, tensor by tensor, atomically.
 
-    Data is written into a temporary file beside the target; `commit` renames it into place (and
+    Data is written into a hidden `StagedFile` beside the target; `commit` renames it into place (and
     refuses to replace an existing file unless `overwrite`). Leaving the context without commit,
     or with an exception, deletes the temporary file: an output is either complete or absent.
     """
@@ -233,23 +232,15 @@ class StreamingWriter:
         header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         header_bytes += b" " * (-len(header_bytes) % 8)
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
-        self._total_size = self._data_start + offset
         self._pending = set(self._offsets)
-        # Hidden, beside the target (same filesystem, so the final rename is atomic); the name is
-        # shortened so a long target name cannot push it past the filesystem's limit.
-        self._fd = -1
-        self.temp_path: Path | None = None
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name[:64]}.", suffix=".partial", dir=self.target.parent)
+            self._staged = StagedFile(self.target.parent, self.target.name)
         except OSError as exc:
             raise self._write_error(exc) from None
-        self.temp_path = Path(tmp)
-        self._fd = fd
         try:
-            self._pwrite(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
+            self._write_at(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
             try:
-                os.ftruncate(fd, self._total_size)
+                os.ftruncate(self._staged.fd, self._data_start + offset)
             except OSError as exc:
                 raise self._write_error(exc) from None
         except BaseException:
@@ -262,15 +253,11 @@ class StreamingWriter:
             "check that the folder is writable and has free space"
         )
 
-    def _pwrite(self, data: bytes | memoryview, position: int) -> None:
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            try:
-                written = os.pwrite(self._fd, view[:_WRITE_BLOCK], position)
-            except OSError as exc:  # disk full, file size limit, I/O error
-                raise self._write_error(exc) from None
-            view = view[written:]
-            position += written
+    def _write_at(self, data: bytes | memoryview, position: int) -> None:
+        try:
+            self._staged.write_at(data, position)
+        except OSError as exc:  # disk full, file size limit, I/O error
+            raise self._write_error(exc) from None
 
     def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
         """Write one declared tensor's bytes (a CPU tensor of the declared dtype, or raw bytes)."""
@@ -278,7 +265,7 @@ class StreamingWriter:
         payload, _keep_alive = _tensor_bytes(data) if isinstance(data, torch.Tensor) else (memoryview(data), None)
         if payload.nbytes != nbytes:
             raise ValueError(f"tensor '{name}': {payload.nbytes} bytes given, {nbytes} declared")
-        self._pwrite(payload, self._data_start + offset)
+        self._write_at(payload, self._data_start + offset)
         self._pending.discard(name)
 
     def commit(self) -> Path:
@@ -286,13 +273,7 @@ class StreamingWriter:
             raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
         try:
             try:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
-                if self.overwrite:
-                    os.replace(self.temp_path, self.target)
-                else:
-                    rename_no_clobber(self.temp_path, self.target)
+                return self._staged.place(self.target, self.overwrite)
             except FileExistsError:
                 raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
             except OSError as exc:
@@ -300,35 +281,15 @@ class StreamingWriter:
         except BaseException:
             self.abort()
             raise
-        return self.target
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self.temp_path is not None:
-            self.temp_path.unlink(missing_ok=True)
+        self._staged.discard()
 
     def __enter__(self) -> "StreamingWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:  # never committed: an error, a cancel, or a forgotten commit
-            self.abort()
-
-
-def rename_no_clobber(source: Path, target: Path) -> None:
-    """Move source to target, raising FileExistsError rather than replacing an existing target."""
-    try:
-        os.link(source, target)  # atomic and refuses an existing name
-    except FileExistsError:
-        raise
-    except OSError:  # a filesystem without hard links
-        if target.exists():
-            raise FileExistsError(target) from None
-        os.replace(source, target)
-        return
-    os.unlink(source)
+        self.abort()  # nothing left to remove once committed: an error, a cancel, or a forgotten commit
 
 
 def write_state_dict(
