@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .fp16 import other_neighbour, round_to_fp16
-from .rounding import ErrorStats, RoundingOutcome, RoundingSettings, ScaledWeight
+from .fp16 import other_neighbour
+from .rounding import RoundingOutcome, RoundingSettings, ScaledWeight, nearest_pass
 
 OVERSAMPLING = 8
 POWER_ITERATIONS = 2  # each costs two streamed passes; fewer leave the directions poor
@@ -116,14 +116,12 @@ def learned_rounding(weight: ScaledWeight, settings: RoundingSettings) -> Roundi
     k = min(settings.top_k, m, n)
     width = min(k + OVERSAMPLING, m, n)
     omega = torch.randn(n, width, generator=torch.Generator().manual_seed(settings.seed)).to(weight.device)
-    q = torch.empty(weight.shape, dtype=torch.float16)
-    stats = ErrorStats()
     sketch = torch.empty(m, width, device=weight.device)
-    for rows, x in weight.chunks():
-        qc = round_to_fp16(x)
-        stats.add(x, qc)
-        q[rows] = qc.cpu()
+
+    def sketch_rows(rows: slice, x: torch.Tensor) -> None:
         sketch[rows] = x.float() @ omega
+
+    q, stats = nearest_pass(weight, sketch_rows)
     if stats.exact == stats.numel or settings.num_iter <= 0 or k <= 0:
         return RoundingOutcome(q, stats)  # nothing to gain: round-to-nearest is already exact (or search off)
 

@@ -129,12 +129,25 @@ class RoundingOutcome:
 RoundingMethod = Callable[[ScaledWeight, RoundingSettings], RoundingOutcome]
 
 
-def round_nearest(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
-    """Scaled round-to-nearest (ties to even): the fast baseline, one pass."""
+def nearest_pass(
+    weight: ScaledWeight, each_chunk: Callable[[slice, torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, ErrorStats]:
+    """Round-to-nearest (ties to even) in one streamed pass: (float16 values on the CPU, their error statistics).
+
+    `each_chunk(rows, x)` sees every scaled chunk too, so a method that needs a pass of its own
+    over the weight (the learned search's sketch) shares this one instead of reading it twice.
+    """
     q = torch.empty(weight.shape, dtype=torch.float16)
     stats = ErrorStats()
     for rows, x in weight.chunks():
         qc = round_to_fp16(x)
         stats.add(x, qc)
         q[rows] = qc.cpu()
-    return RoundingOutcome(q, stats)
+        if each_chunk is not None:
+            each_chunk(rows, x)
+    return q, stats
+
+
+def round_nearest(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
+    """Scaled round-to-nearest: the fast baseline, one pass."""
+    return RoundingOutcome(*nearest_pass(weight))
