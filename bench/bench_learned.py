@@ -42,7 +42,7 @@ def main() -> None:
     for method in ("rtn", "learned"):
         out = work / f"{method}.safetensors"
         started = time.perf_counter()
-        convert_file(source, out, ConvertOptions(method=method, top_k=k, overwrite=True))
+        convert_file(source, out, ConvertOptions(method=method, rounding={"top_k": k}, overwrite=True))
         seconds[method] = time.perf_counter() - started
         outputs[method] = dequantize_state_dict(load_file(str(out)), dtype=torch.float64)
     original = load_file(str(source))

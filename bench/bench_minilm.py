@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.sentences import calibration_and_heldout  # noqa: E402
 from quant_core import ConvertOptions, convert_file  # noqa: E402
 from quant_core.calibration import CalibrationStatistics, StatisticsRecorder  # noqa: E402
-from quant_core.convert import NEEDS_STATISTICS  # noqa: E402
+from quant_core.methods import METHODS  # noqa: E402
 from quant_core.format import dequantize_state_dict  # noqa: E402
 
 LAYER_TYPES = [  # (suffix, label); the first match wins
@@ -171,7 +171,7 @@ def main() -> None:
     reference = embeddings(model, tokenizer, heldout)
     source = load_file(str(source_path))
 
-    runs = [(m, "full" if m in NEEDS_STATISTICS else None) for m in methods]
+    runs = [(m, "full" if METHODS[m].needs_statistics else None) for m in methods]
     if "calibrated" in methods:
         runs.append(("calibrated", "summary"))
     results = {}

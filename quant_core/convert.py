@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Protocol
 
 import torch
 
 from . import __version__
-from .calibrated import bias_shift, calibrated_rounding, updown_rounding
-from .calibration import CalibrationStatistics, statistics_for_weights
+from .calibrated import bias_shift
+from .calibration import CalibrationStatistics, InputStatistics, statistics_for_weights
 from .errors import QuantError
 from .format import (
     MARKER_KEY,
@@ -26,33 +27,22 @@ from .format import (
     scale_weight_key,
 )
 from .fp16 import choose_scale_exponent, exact_fp16_cast
-from .learned import learned_rounding
-from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
+from .methods import DEFAULT, Method, for_weight, resolve, rounding_settings
 from .peak_memory import peak_rss_bytes
+from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
 from .report import ConversionReport, LayerReport, report_path_for
-from .rounding import CHUNK_ELEMENTS, RoundingMethod, RoundingSettings, ScaledWeight, abs_max, round_nearest
+from .rounding import CHUNK_ELEMENTS, RoundingSettings, ScaledWeight, abs_max
 from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, StreamingWriter, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
 TOOL_NAME = f"learned-rounding-fp16 {__version__}"
-METHODS: dict[str, RoundingMethod] = {
-    "learned": learned_rounding,
-    "rtn": round_nearest,
-    "calibrated": calibrated_rounding,
-    "updown": updown_rounding,
-}
-DEFAULT_METHOD = "learned"
-CALIBRATED_METHOD = "calibrated"  # the default when statistics are given
-NEEDS_STATISTICS = frozenset({"calibrated", "updown"})  # weights without statistics use DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    method: str = DEFAULT_METHOD
-    num_iter: int = 256
-    top_k: int = 1
-    calib_samples: int = 3072
+    method: str = DEFAULT  # a name in quant_core.methods.METHODS, or "auto"
+    rounding: Mapping[str, int] = field(default_factory=dict)  # setting -> value (quant_core.methods); defaults else
     t5xxl: bool = False
     keep_distillation: bool = False
     exclude: tuple[str, ...] = ()
@@ -60,16 +50,18 @@ class ConvertOptions:
     calib: str | None = None  # statistics file (quant_core.calibration) for calibrated rounding and bias correction
     device: str = "auto"
     overwrite: bool = False
-    seed: int = 0
 
-    def settings(self) -> dict[str, object]:
-        """What determines the output's values (recorded in the file's metadata)."""
-        recorded = asdict(self)
-        for not_recorded in ("device", "overwrite"):
-            recorded.pop(not_recorded)
-        recorded["exclude"] = list(self.exclude)
-        recorded["calib"] = Path(self.calib).name if self.calib else None
-        return recorded
+    def settings(self, method: Method) -> dict[str, object]:
+        """What determines the output's values (recorded in the file's metadata); `method` as resolved."""
+        return {
+            "method": method.name,
+            **rounding_settings(**self.rounding),
+            "t5xxl": self.t5xxl,
+            "keep_distillation": self.keep_distillation,
+            "exclude": list(self.exclude),
+            "prefix": self.prefix,
+            "calib": Path(self.calib).name if self.calib else None,
+        }
 
 
 class ProgressListener(Protocol):
@@ -208,19 +200,23 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
 
 
 def _quantize(
-    src: SafetensorsFile, name: str, weight: ScaledWeight, method_name: str, settings: RoundingSettings
+    src: SafetensorsFile,
+    name: str,
+    weight: ScaledWeight,
+    method: Method,
+    settings: RoundingSettings,
+    statistics: InputStatistics | None,
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
     started = time.perf_counter()
-    if weight.statistics is None and method_name in NEEDS_STATISTICS:
-        method_name = DEFAULT_METHOD  # no recorded inputs for this weight: the data-free method
-    outcome = METHODS[method_name](weight, settings)
+    method = for_weight(method, statistics is not None)
+    outcome = method.round(weight, settings, statistics)
     scale = torch.tensor([2.0**weight.exponent], dtype=SCALE_DTYPE)
     stats = outcome.stats
     layer = LayerReport(
         name=name,
         shape=list(weight.shape),
         source_dtype=src.entries[name].dtype,
-        method=method_name,
+        method=method.name,
         scale=float(scale),
         relative_error=stats.relative_error,
         max_abs_error=stats.max_abs_error * float(scale),
@@ -261,14 +257,11 @@ def convert_file(
     started = time.perf_counter()
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path, options.keep_distillation)
-    if options.method not in METHODS:
-        raise QuantError(f"unknown method '{options.method}'; choose one of {', '.join(METHODS)}")
-    if options.method in NEEDS_STATISTICS and not options.calib:
-        raise QuantError(f"method '{options.method}' needs input statistics: pass --calib FILE (see quant_core.calibration)")
+    method = resolve(options.method, options.calib is not None)
+    settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
     device = resolve_device(options.device)
-    settings = RoundingSettings(num_iter=options.num_iter, top_k=options.top_k, seed=options.seed)
-    report = ConversionReport(str(input_path), str(output_path), options.settings())
+    report = ConversionReport(str(input_path), str(output_path), options.settings(method))
 
     with SafetensorsFile(input_path) as src:
         reason = already_scaled_reason(src.entries)
@@ -293,8 +286,8 @@ def convert_file(
                     report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
                 elif plan.action is Action.QUANTIZE:
                     stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
-                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled, stats)
-                    q, scale, layer = _quantize(src, plan.name, weight, options.method, settings)
+                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled)
+                    q, scale, layer = _quantize(src, plan.name, weight, method, settings, stats)
                     writer.write(plan.name, q)
                     bias = layer_name(plan.name) + ".bias"
                     if bias in layout.corrected_biases:  # written here, whichever comes first in the file

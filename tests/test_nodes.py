@@ -153,6 +153,20 @@ def test_node_contract(name: str, comfy_env) -> None:
         assert cls.OUTPUT_NODE is True, "a node whose results nothing consumes must be an output node to run"
 
 
+def test_quantize_widgets_are_the_declared_rounding_settings(comfy_env) -> None:
+    from learned_rounding_fp16_pack.quant_core.methods import METHODS, SETTINGS
+
+    required = LearnedRoundingFP16.INPUT_TYPES()["required"]
+    assert required["method"][0] == ["auto", *METHODS] and required["method"][1]["default"] == "auto"
+    for setting in SETTINGS:
+        if not setting.offered:
+            assert setting.name not in required
+            continue
+        kind, options = required[setting.name]
+        assert kind == "INT" and options["default"] == setting.default and options["min"] == setting.minimum
+        assert options["max"] == setting.maximum and options["tooltip"] == setting.help
+
+
 def test_pack_imports_without_comfyui() -> None:
     code = (
         "import importlib.util, sys\n"

@@ -224,7 +224,7 @@ def test_random_models_and_corruptions(model, corruption, cut, tmp_path_factory)
     out_dir.mkdir()
     output = out_dir / "o.safetensors"
     try:
-        convert_file(source, output, ConvertOptions(method="learned", num_iter=8))
+        convert_file(source, output, ConvertOptions(method="learned", rounding={"num_iter": 8}))
     except QuantError:
         assert list(out_dir.iterdir()) == []
         return
