@@ -14,7 +14,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..quant_core.calibration import DEFAULT_MAX_FULL_DIM, CalibrationStatistics, StatisticsRecorder
+from ..quant_core.calibration import (
+    DEFAULT_MAX_FULL_DIM,
+    CalibrationStatistics,
+    StatisticsRecorder,
+    load_statistics,
+    save_statistics,
+)
 from .handles import CATEGORY
 from .paths import relative_name, sanitize_prefix
 from .save import publish, subfolder
@@ -225,7 +231,7 @@ class SaveCalibrationFP16:
         folder = subfolder(root, prefix.parent)
         staged = folder / f".{uuid.uuid4().hex}.partial"
         try:
-            calibration.save(staged)
+            save_statistics(calibration, staged)
             target = publish(staged, folder, prefix.name)  # first free <name>_NNNNN, never overwriting
         finally:
             staged.unlink(missing_ok=True)
@@ -252,14 +258,5 @@ class LoadCalibrationFP16:
 
         relative_name(calibration_name)
         calibration_folders()
-        stats = CalibrationStatistics.load(resolve_model_file(CALIBRATION_FOLDER, calibration_name))
+        stats = load_statistics(resolve_model_file(CALIBRATION_FOLDER, calibration_name))
         return stats, summary_text(stats, calibration_name)
-
-
-def statistics_file(calibration: CalibrationStatistics, folder: Path) -> str:
-    """A file holding the calibration, for the converter: its own file if it has one, else a copy in `folder`."""
-    if calibration.source and Path(calibration.source).is_file():
-        return calibration.source
-    path = folder / f"calibration-{uuid.uuid4().hex[:12]}.safetensors"
-    calibration.save(path)
-    return str(path)

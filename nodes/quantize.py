@@ -9,7 +9,7 @@ from typing import Any
 from ..quant_core import ConvertOptions, convert_file
 from ..quant_core.calibration import CalibrationStatistics
 from ..quant_core.methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS
-from .calibrate import CALIBRATION_TYPE, statistics_file
+from .calibrate import CALIBRATION_TYPE
 from ..quant_core.report import ConversionReport
 from .handles import CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
 from .progress import NodeProgress, layer_summary
@@ -114,13 +114,9 @@ class LearnedRoundingFP16:
         unique_id: str | None = None,
     ) -> dict[str, Any]:
         import comfy.model_management
-        import folder_paths
 
-        temp_folder = Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER)
-        calib = statistics_file(calibration, temp_folder) if calibration is not None else None
         options = ConvertOptions(
             method=method,
-            calib=calib,
             rounding={"num_iter": num_iter, "top_k": top_k, "calib_samples": calib_samples},
             t5xxl=t5xxl,
             keep_distillation=keep_distillation,
@@ -133,6 +129,7 @@ class LearnedRoundingFP16:
             source.path,
             output,
             options,
+            statistics=calibration,  # in memory, or read lazily from the file LoadCalibrationFP16 opened
             listener=NodeProgress(unique_id),
             check_cancelled=comfy.model_management.throw_exception_if_processing_interrupted,
         )

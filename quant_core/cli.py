@@ -12,6 +12,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from . import __version__
+from .calibration import load_statistics
 from .convert import ConvertOptions, convert_file, default_output_path
 from .errors import QuantError
 from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
@@ -123,14 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         exclude=tuple(args.exclude),
-        calib=args.calib,
         device=args.device,
         overwrite=args.overwrite,
     )
     output = args.output or default_output_path(args.input, args.keep_distillation)
     listener = TqdmListener(enabled=not args.quiet)
     try:
-        report = convert_file(args.input, output, options, listener)
+        statistics = load_statistics(args.calib) if args.calib else None
+        report = convert_file(args.input, output, options, statistics=statistics, listener=listener)
     except QuantError as exc:
         listener.close()
         print(f"error: {exc}", file=sys.stderr)

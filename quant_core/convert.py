@@ -47,11 +47,10 @@ class ConvertOptions:
     keep_distillation: bool = False
     exclude: tuple[str, ...] = ()
     prefix: str = ""  # convert only tensors under this name prefix, and strip it (a checkpoint's component)
-    calib: str | None = None  # statistics file (quant_core.calibration) for calibrated rounding and bias correction
     device: str = "auto"
     overwrite: bool = False
 
-    def settings(self, method: Method) -> dict[str, object]:
+    def settings(self, method: Method, statistics: CalibrationStatistics | None) -> dict[str, object]:
         """What determines the output's values (recorded in the file's metadata); `method` as resolved."""
         return {
             "method": method.name,
@@ -60,7 +59,7 @@ class ConvertOptions:
             "keep_distillation": self.keep_distillation,
             "exclude": list(self.exclude),
             "prefix": self.prefix,
-            "calib": Path(self.calib).name if self.calib else None,
+            "calib": Path(statistics.source).name if statistics is not None and statistics.source else None,
         }
 
 
@@ -169,14 +168,13 @@ def _corrected_bias(src: SafetensorsFile, name: str, weight: ScaledWeight, q: to
     return (bias.to(torch.float64) + bias_shift(weight, q, mean)).to(bias.dtype)
 
 
-def _load_statistics(path: str, src: SafetensorsFile, plans: list[TensorPlan]) -> tuple[CalibrationStatistics, dict[str, str]]:
-    """The statistics file and weight -> recorded layer for the weights to quantize (QuantError if it does not fit)."""
-    stats = CalibrationStatistics.load(path)
+def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, plans: list[TensorPlan]) -> dict[str, str]:
+    """Weight -> recorded layer for the weights to quantize (QuantError if the statistics do not fit the file)."""
     weights = {plan.name: plan.entry.shape for plan in plans if plan.action is Action.QUANTIZE}
     matched = statistics_for_weights(stats, weights, str(src.path))
     if len(matched) < len(weights):
         log.info("%d of %d weights have no statistics (embeddings, convolutions ...)", len(weights) - len(matched), len(weights))
-    return stats, matched
+    return matched
 
 
 def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
@@ -246,22 +244,25 @@ def convert_file(
     input_path: str | Path,
     output_path: str | Path | None = None,
     options: ConvertOptions = ConvertOptions(),
+    *,
+    statistics: CalibrationStatistics | None = None,
     listener: ProgressListener | None = None,
     check_cancelled: Callable[[], None] = _no_check,
 ) -> ConversionReport:
     """Convert `input_path` to a scaled_fp16 file; returns the report (also written as JSON).
 
-    `check_cancelled` is called between chunks of work and may raise to stop; the output is then
+    `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
+    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called between chunks of work and may raise to stop; the output is then
     never created. Raises QuantError for problems with the input, settings or output location.
     """
     started = time.perf_counter()
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path, options.keep_distillation)
-    method = resolve(options.method, options.calib is not None)
+    method = resolve(options.method, statistics is not None)
     settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
     device = resolve_device(options.device)
-    report = ConversionReport(str(input_path), str(output_path), options.settings(method))
+    report = ConversionReport(str(input_path), str(output_path), options.settings(method, statistics))
 
     with SafetensorsFile(input_path) as src:
         reason = already_scaled_reason(src.entries)
@@ -270,9 +271,11 @@ def convert_file(
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
         selection = Selection(options.t5xxl, options.keep_distillation, options.exclude)
         plans = plan_tensors(src.entries.values(), selection)
-        calib, calibrated = _load_statistics(options.calib, src, plans) if options.calib else (None, {})
-        if calib is not None:
-            report.settings.update(calib_model=calib.model, calib_tokens=calib.tokens, calib_layers=len(calibrated))
+        calibrated = _match_statistics(statistics, src, plans) if statistics is not None else {}
+        if statistics is not None:
+            report.settings.update(
+                calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
+            )
         layout = _plan_layout(src, plans, options.t5xxl, calibrated)
         exponents = _scale_exponents(src, plans, check_cancelled)
         metadata = build_metadata(src.metadata, TOOL_NAME, {**report.settings, "source": input_path.name})
@@ -285,7 +288,7 @@ def convert_file(
                 if plan.name in layout.corrected_biases:
                     report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
                 elif plan.action is Action.QUANTIZE:
-                    stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
+                    stats = statistics.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
                     weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled)
                     q, scale, layer = _quantize(src, plan.name, weight, method, settings, stats)
                     writer.write(plan.name, q)

@@ -12,7 +12,7 @@ from torch import nn
 
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.calibrated import bias_shift, calibrated_rounding, updown_rounding
-from quant_core.calibration import InputStatistics, StatisticsRecorder
+from quant_core.calibration import InputStatistics, StatisticsRecorder, load_statistics, save_statistics
 from quant_core.cli import main
 from quant_core.format import dequantize_state_dict
 from quant_core.fp16 import FP16_MAX, choose_scale_exponent
@@ -194,7 +194,7 @@ def test_cli_calib_end_to_end(tmp_path, capsys):
     with StatisticsRecorder(model) as recorder, torch.no_grad():
         for ids in calibration:
             model(ids)
-    stats_path = recorder.statistics(model="tiny").save(tmp_path / "stats.safetensors")
+    stats_path = save_statistics(recorder.statistics(model="tiny"), tmp_path / "stats.safetensors")
     source = tmp_path / "tiny.safetensors"  # stored under a prefix the module tree lacks
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(source))
 
@@ -245,7 +245,7 @@ def test_statistics_from_another_model_are_an_error(example_model, tmp_path):
     layer = nn.Linear(7, 3)
     with StatisticsRecorder(nn.ModuleDict({"head": layer})) as recorder, torch.no_grad():
         layer(torch.randn(5, 7))
-    stats = recorder.statistics().save(tmp_path / "s.safetensors")
+    stats = load_statistics(save_statistics(recorder.statistics(), tmp_path / "s.safetensors"))
     with pytest.raises(QuantError, match="'head' was recorded with 7 input features"):
-        convert_file(example_model, tmp_path / "o.safetensors", ConvertOptions(calib=str(stats), method="calibrated"))
+        convert_file(example_model, tmp_path / "o.safetensors", ConvertOptions(method="calibrated"), statistics=stats)
     assert not (tmp_path / "o.safetensors").exists()
