@@ -5,34 +5,25 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Protocol
+from typing import Protocol
 
 import torch
 
 from . import __version__
-from .calibrated import bias_shift
-from .calibration import CalibrationStatistics, InputStatistics, statistics_for_weights
+from .calibration import CalibrationStatistics, statistics_for_weights
 from .errors import QuantError
-from .format import (
-    MARKER_KEY,
-    SCALE_DTYPE,
-    already_scaled_reason,
-    build_metadata,
-    layer_name,
-    marker_shape,
-    scale_input_key,
-    scale_weight_key,
-)
-from .fp16 import choose_scale_exponent, exact_fp16_cast
-from .methods import DEFAULT, Method, for_weight, resolve, rounding_settings
+from .format import already_scaled_reason, build_metadata
+from .fp16 import choose_scale_exponent
+from .methods import DEFAULT, Method, resolve, rounding_settings
 from .peak_memory import peak_rss_bytes
-from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
+from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
+from .produce import Job, Produced
 from .report import ConversionReport, LayerReport, report_path_for
-from .rounding import CHUNK_ELEMENTS, RoundingSettings, ScaledWeight, abs_max
-from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, StreamingWriter, tensor_nbytes
+from .rounding import abs_max
+from .safetensors_io import SafetensorsFile, StreamingWriter
 
 log = logging.getLogger(__name__)
 
@@ -99,78 +90,9 @@ def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
         raise QuantError(f"{output_path}: output is a directory; give a file name")
 
 
-def _casts_exactly(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
-    return all(exact_fp16_cast(flat[i : i + CHUNK_ELEMENTS]) for i in range(0, flat.numel(), CHUNK_ELEMENTS))
-
-
-@dataclass
-class _Layout:
-    """The output file's declared tensors and what each source tensor becomes."""
-
-    tensors: list[OutputTensor] = field(default_factory=list)
-    cast: set[str] = field(default_factory=set)
-    corrected_biases: dict[str, str] = field(default_factory=dict)  # bias -> its weight; keeps source dtype
-
-    def declare(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        self.tensors.append(OutputTensor(name, dtype, shape, tensor_nbytes(dtype, shape)))
-
-
-def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool, calibrated: Collection[str] = ()) -> _Layout:
-    """`calibrated`: quantized weights with input statistics, whose biases get corrected."""
-    layout = _Layout(corrected_biases=_biases_to_correct(src, plans, calibrated))
-    scale = DTYPE_NAMES[SCALE_DTYPE]
-    for plan in plans:
-        entry = plan.entry
-        if entry.name in layout.corrected_biases:
-            layout.declare(entry.name, entry.dtype, entry.shape)
-        elif plan.action is Action.QUANTIZE:
-            layout.declare(entry.name, "F16", entry.shape)
-            layout.declare(scale_weight_key(entry.name), scale, (1,))
-            if t5xxl:
-                layout.declare(scale_input_key(entry.name), scale, (1,))
-        elif plan.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(entry.name)):
-            layout.cast.add(entry.name)
-            layout.declare(entry.name, "F16", entry.shape)
-        elif plan.action is not Action.DROP:
-            layout.tensors.append(OutputTensor(entry.name, entry.dtype, entry.shape, entry.nbytes))
-            if plan.unit_scale:
-                layout.declare(scale_weight_key(entry.name), scale, (1,))
-    layout.declare(MARKER_KEY, "F16", marker_shape(t5xxl))
-    names = [t.name for t in layout.tensors]
-    clash = next((n for n in names if names.count(n) > 1), None)
-    if clash is not None:
-        raise QuantError(f"{src.path}: the output would hold two tensors named '{clash}'; rename or --exclude it")
-    return layout
-
-
-def _biases_to_correct(src: SafetensorsFile, plans: list[TensorPlan], calibrated: Collection[str]) -> dict[str, str]:
-    """Float biases (kept or cast, not dropped or excluded) of the weights in `calibrated`, with matching length."""
-    planned = {plan.name: plan for plan in plans}
-    biases = {}
-    for weight in calibrated:
-        plan = planned.get(layer_name(weight) + ".bias")
-        if (
-            plan is not None
-            and plan.action is not Action.DROP
-            and not plan.excluded
-            and plan.entry.torch_dtype is not None
-            and plan.entry.torch_dtype.is_floating_point
-            and plan.entry.shape == (src.entries[weight].shape[0],)
-        ):
-            biases[plan.name] = weight
-    return biases
-
-
-def _corrected_bias(src: SafetensorsFile, name: str, weight: ScaledWeight, q: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """b + (W - W_q) E[x], in the bias's own dtype: zero mean output error on the calibration inputs."""
-    bias = src.tensor(name)
-    return (bias.to(torch.float64) + bias_shift(weight, q, mean)).to(bias.dtype)
-
-
-def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, plans: list[TensorPlan]) -> dict[str, str]:
+def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choices: list[Choice]) -> dict[str, str]:
     """Weight -> recorded layer for the weights to quantize (QuantError if the statistics do not fit the file)."""
-    weights = {plan.name: plan.entry.shape for plan in plans if plan.action is Action.QUANTIZE}
+    weights = {choice.name: choice.entry.shape for choice in choices if choice.action is Action.QUANTIZE}
     matched = statistics_for_weights(stats, weights, str(src.path))
     if len(matched) < len(weights):
         log.info("%d of %d weights have no statistics (embeddings, convolutions ...)", len(weights) - len(matched), len(weights))
@@ -185,7 +107,7 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
     """
     exponents = {}
     for plan in plans:
-        if plan.action is not Action.QUANTIZE:
+        if plan.fate is not Fate.QUANTIZED:
             continue
         try:
             exponents[plan.name] = choose_scale_exponent(abs_max(src.tensor(plan.name), check_cancelled))
@@ -197,47 +119,17 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
     return exponents
 
 
-def _quantize(
-    src: SafetensorsFile,
-    name: str,
-    weight: ScaledWeight,
-    method: Method,
-    settings: RoundingSettings,
-    statistics: InputStatistics | None,
-) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
-    started = time.perf_counter()
-    method = for_weight(method, statistics is not None)
-    outcome = method.round(weight, settings, statistics)
-    scale = torch.tensor([2.0**weight.exponent], dtype=SCALE_DTYPE)
-    stats = outcome.stats
-    layer = LayerReport(
-        name=name,
-        shape=list(weight.shape),
-        source_dtype=src.entries[name].dtype,
-        method=method.name,
-        scale=float(scale),
-        relative_error=stats.relative_error,
-        max_abs_error=stats.max_abs_error * float(scale),
-        exact_fraction=stats.exact_fraction,
-        iterations=outcome.iterations,
-        seconds=time.perf_counter() - started,
-        error_sq=stats.error_sq * float(scale) ** 2,
-        reference_sq=stats.reference_sq * float(scale) ** 2,
-        details=outcome.details,
-    )
-    return outcome.q, scale, layer
-
-
-def _kept_reason(plan: TensorPlan) -> str:
-    if plan.action is not Action.CAST_IF_EXACT:
-        return plan.reason
-    if plan.entry.dtype == "F16":
-        return f"{plan.reason}; already float16"
-    return f"{plan.reason}; float16 would not be exact, source precision kept"
-
-
 def _no_check() -> None:
     return None
+
+
+def _write(writer: StreamingWriter, produced: Produced | None) -> LayerReport | None:
+    """Write what a producer made (then let it go: one tensor's data in memory at a time)."""
+    if produced is None:
+        return None
+    for name, data in produced.tensors.items():
+        writer.write(name, data)
+    return produced.layer
 
 
 def convert_file(
@@ -269,50 +161,30 @@ def convert_file(
         if reason:
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
-        selection = Selection(options.t5xxl, options.keep_distillation, options.exclude)
-        plans = plan_tensors(src.entries.values(), selection)
-        calibrated = _match_statistics(statistics, src, plans) if statistics is not None else {}
+        choices = choose(src.entries.values(), Selection(options.t5xxl, options.keep_distillation, options.exclude))
+        calibrated = _match_statistics(statistics, src, choices) if statistics is not None else {}
         if statistics is not None:
             report.settings.update(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
-        layout = _plan_layout(src, plans, options.t5xxl, calibrated)
-        exponents = _scale_exponents(src, plans, check_cancelled)
-        metadata = build_metadata(src.metadata, TOOL_NAME, {**report.settings, "source": input_path.name})
+        layout = plan_layout(src, choices, options.t5xxl, calibrated)
+        job = Job(src, device, method, settings, statistics, calibrated, {}, check_cancelled)
+        job.exponents = _scale_exponents(src, layout.plans, check_cancelled)
+        settings_recorded = {**report.settings, "source": input_path.name}
+        metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights)
+        total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
-            for index, plan in enumerate(plans):
+            for index, plan in enumerate(layout.plans):
                 check_cancelled()
                 if listener is not None:
-                    listener.tensor_started(plan.name, index, len(plans))
-                layer = None
-                if plan.name in layout.corrected_biases:
-                    report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
-                elif plan.action is Action.QUANTIZE:
-                    stats = statistics.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
-                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled)
-                    q, scale, layer = _quantize(src, plan.name, weight, method, settings, stats)
-                    writer.write(plan.name, q)
-                    bias = layer_name(plan.name) + ".bias"
-                    if bias in layout.corrected_biases:  # written here, whichever comes first in the file
-                        writer.write(bias, _corrected_bias(src, bias, weight, q, stats.mean))
-                    writer.write(scale_weight_key(plan.name), scale)
-                    if options.t5xxl:
-                        writer.write(scale_input_key(plan.name), scale)
-                    report.layers.append(layer)
-                    del q
-                elif plan.action is Action.DROP:
-                    report.dropped.append(plan.name)
-                elif plan.name in layout.cast:
-                    writer.write(plan.name, src.tensor(plan.name).to(torch.float16))
-                    report.cast_to_fp16.append(plan.name)
-                else:
-                    writer.write(plan.name, src.raw_bytes(plan.name))
-                    if plan.unit_scale:
-                        writer.write(scale_weight_key(plan.name), torch.ones(1, dtype=SCALE_DTYPE))
-                    report.kept[plan.name] = _kept_reason(plan)
+                    listener.tensor_started(plan.name, index, total)
+                produced = plan.producer.produce(job, plan.entry) if plan.producer is not None else None
+                layer = _write(writer, produced)
+                report.record(plan.name, plan.fate, plan.reason, layer)
                 if listener is not None:
-                    listener.tensor_finished(plan.name, index, len(plans), layer)
-            writer.write(MARKER_KEY, torch.zeros(marker_shape(options.t5xxl), dtype=torch.float16))
+                    listener.tensor_finished(plan.name, index, total, layer)
+            for producer in layout.file_producers:
+                _write(writer, producer.produce(job, None))
             writer.commit()
 
     report.seconds = time.perf_counter() - started

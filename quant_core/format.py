@@ -35,6 +35,7 @@ META_FORMAT = "quant.format"
 META_FORMAT_VERSION = "quant.format_version"
 META_TOOL = "quant.tool"
 META_SETTINGS = "quant.settings"
+META_SCALED_WEIGHTS = "quant.scaled_weights"  # JSON list of the weights written with a scale_weight
 
 
 def marker_shape(t5xxl: bool) -> tuple[int, ...]:
@@ -72,14 +73,32 @@ def already_scaled_reason(keys: Iterable[str]) -> str | None:
     return None
 
 
-def build_metadata(source_metadata: Mapping[str, str], tool: str, settings: Mapping[str, object]) -> dict[str, str]:
-    """Source metadata kept as is (other tools read it), plus what this conversion was."""
+def build_metadata(
+    source_metadata: Mapping[str, str], tool: str, settings: Mapping[str, object], scaled_weights: Iterable[str]
+) -> dict[str, str]:
+    """Source metadata kept as is (other tools read it), plus what this conversion was and which weights it scaled."""
     meta = {k: v for k, v in source_metadata.items() if not k.startswith("quant.")}
     meta[META_FORMAT] = FORMAT_NAME
     meta[META_FORMAT_VERSION] = FORMAT_VERSION
     meta[META_TOOL] = tool
     meta[META_SETTINGS] = json.dumps(dict(settings), sort_keys=True)
+    meta[META_SCALED_WEIGHTS] = json.dumps(list(scaled_weights))
     return meta
+
+
+def recorded_scaled_weights(metadata: Mapping[str, str] | None) -> list[str]:
+    """The weights a file of this package records as written with a scale_weight; empty for other files.
+
+    Files of this package written before the record existed, and other tools' files, carry none:
+    for them a missing scale cannot be told from a weight that was never scaled.
+    """
+    if not metadata or metadata.get(META_FORMAT) != FORMAT_NAME or META_SCALED_WEIGHTS not in metadata:
+        return []
+    try:
+        weights = json.loads(metadata[META_SCALED_WEIGHTS])
+    except ValueError:
+        return []  # unreadable record: nothing to compare against
+    return [w for w in weights if isinstance(w, str)] if isinstance(weights, list) else []
 
 
 def dequantize_state_dict(
@@ -124,8 +143,8 @@ def validate_scaled_state_dict(
     A broken scale or weight would not fail later: the model would load and produce garbage. So
     every `scale_weight` must be one finite positive float beside a floating-point weight (float16
     unless the scale is 1, as for kept distillation layers), the marker must have a known shape,
-    and, when the file records this package's settings, every weight those settings quantize must
-    have its scale. Raises QuantError naming `source` and the tensor.
+    and every weight the file records as scaled (`quant.scaled_weights`) must have its scale.
+    Raises QuantError naming `source` and the tensor.
     """
     marker = tensors.get(MARKER_KEY)
     if marker is None:
@@ -153,37 +172,10 @@ def validate_scaled_state_dict(
                 "scaled weights must be float16 (the file is damaged or another format)"
             )
         scales[key] = value
-    for weight_key in _weights_quantized_by_recorded_settings(tensors, metadata):
+    for weight_key in recorded_scaled_weights(metadata):
         if scale_weight_key(weight_key) not in tensors:
             raise QuantError(
-                f"{source}: '{weight_key}' has no '{scale_weight_key(weight_key)}' although the settings recorded "
-                "in the file quantize it; the file is damaged, convert it again"
+                f"{source}: '{weight_key}' has no '{scale_weight_key(weight_key)}' although the file records it as "
+                "scaled; the file is damaged, convert it again"
             )
     return scales
-
-
-def _weights_quantized_by_recorded_settings(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> list[str]:
-    """Weights that carry a scale_weight in a file this package wrote (empty for other files)."""
-    if not metadata or metadata.get(META_FORMAT) != FORMAT_NAME or META_SETTINGS not in metadata:
-        return []
-    try:
-        settings = json.loads(metadata[META_SETTINGS])
-        exclude = tuple(settings.get("exclude", ()))
-        t5xxl, keep_distillation = bool(settings.get("t5xxl")), bool(settings.get("keep_distillation"))
-    except (ValueError, TypeError, AttributeError):
-        return []  # unreadable settings: nothing to compare against
-    from .plan import Action, Selection, plan_tensors  # plan builds on this module
-    from .safetensors_io import DTYPE_NAMES, TensorEntry
-
-    entries = [
-        TensorEntry(name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0, 0)
-        for name, t in tensors.items()
-        if name != MARKER_KEY and not is_scale_key(name)
-    ]
-    try:
-        plans = plan_tensors(entries, Selection(t5xxl, keep_distillation, exclude))
-    except QuantError:
-        return []  # a recorded pattern this version cannot compile
-    return [p.name for p in plans if p.action is Action.QUANTIZE or p.unit_scale]

@@ -44,6 +44,17 @@ class ConversionReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
 
+    def record(self, name: str, fate: str, reason: str, layer: LayerReport | None = None) -> None:
+        """One source tensor, by its fate (quant_core.plan.Fate: quantized, cast, kept, dropped)."""
+        if fate == "quantized":
+            self.layers.append(layer)
+        elif fate == "cast":
+            self.cast_to_fp16.append(name)
+        elif fate == "dropped":
+            self.dropped.append(name)
+        else:
+            self.kept[name] = reason
+
     @property
     def quantized_elements(self) -> int:
         return sum(math.prod(layer.shape) for layer in self.layers)

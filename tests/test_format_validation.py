@@ -104,3 +104,12 @@ def test_unit_scale_on_a_weight_kept_in_source_precision_passes(tmp_path: Path) 
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     assert tensors["img_in.weight"].dtype == torch.bfloat16
     assert validate_scaled_state_dict("x", tensors, metadata)["img_in.scale_weight"] == 1.0
+
+
+def test_a_file_written_before_the_scaled_weights_record_still_validates(converted) -> None:
+    tensors, metadata = converted
+    older = {k: v for k, v in metadata.items() if k != "quant.scaled_weights"}
+    assert "quant.settings" in older
+    assert validate_scaled_state_dict("old.safetensors", tensors, older) == validate_scaled_state_dict(
+        "new.safetensors", tensors, metadata
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,56 @@ def test_importing_the_error_type_loads_neither_the_converter_nor_torch() -> Non
         "assert 'quant_core.convert' in sys.modules and callable(convert_file)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of this repository that `path` imports anywhere in its body (lazy imports inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = sorted([*ROOT.glob("quant_core/**/*.py"), *ROOT.glob("nodes/*.py")])
+    modules = {_module_name(f): f for f in files}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in _imports(path, package) if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycles_among_the_pack_modules() -> None:
+    graph = import_graph()
+    assert "quant_core.convert" in graph and "nodes.loader" in graph
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module) :] + [module]
+            raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            # a package's __init__ importing its own submodules is how a package is built, not a cycle
+            if not imported.startswith(module + "."):
+                visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
