@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from quant_core import ConvertOptions, convert_file  # noqa: E402
 from quant_core.example import write_example_model  # noqa: E402
-from quant_core.format import dequantize_state_dict  # noqa: E402
+from quant_core.reader import dequantize_state_dict  # noqa: E402
 
 
 def errors(original: torch.Tensor, restored: torch.Tensor, k: int) -> tuple[float, float]:

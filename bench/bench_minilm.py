@@ -44,7 +44,7 @@ from bench.sentences import calibration_and_heldout  # noqa: E402
 from quant_core import ConvertOptions, convert_file  # noqa: E402
 from quant_core.calibration import CalibrationStatistics, StatisticsRecorder, load_statistics, save_statistics  # noqa: E402
 from quant_core.methods import METHODS  # noqa: E402
-from quant_core.format import dequantize_state_dict  # noqa: E402
+from quant_core.reader import dequantize_state_dict  # noqa: E402
 
 LAYER_TYPES = [  # (suffix, label); the first match wins
     ("attention.self.query", "query"),

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
-from quant_core.format import META_FORMAT, META_SETTINGS, dequantize_state_dict
+from quant_core.format import META_FORMAT, META_SETTINGS
+from quant_core.reader import dequantize_state_dict
 from quant_core.report import report_path_for
 
 

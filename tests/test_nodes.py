@@ -31,13 +31,13 @@ import server  # noqa: E402
 from learned_rounding_fp16_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant  # noqa: E402
 from learned_rounding_fp16_pack.nodes.handles import CATEGORY  # noqa: E402
-from learned_rounding_fp16_pack.nodes.loader import ScaledFP16Loader, read_scaled_file  # noqa: E402
+from learned_rounding_fp16_pack.nodes.loader import ScaledFP16Loader  # noqa: E402
 from learned_rounding_fp16_pack.nodes.ops import scaled_fp16_ops  # noqa: E402
 from learned_rounding_fp16_pack.nodes.progress import LAYER_EVENT  # noqa: E402
 from learned_rounding_fp16_pack.nodes.quantize import LearnedRoundingFP16  # noqa: E402
 from learned_rounding_fp16_pack.nodes.save import SaveScaledFP16  # noqa: E402
 from learned_rounding_fp16_pack.quant_core import QuantError  # noqa: E402
-from learned_rounding_fp16_pack.quant_core.format import dequantize_state_dict  # noqa: E402
+from learned_rounding_fp16_pack.quant_core.reader import dequantize_state_dict, read_scaled_file  # noqa: E402
 
 PREFIX = "model.diffusion_model."
 
@@ -219,7 +219,8 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     assert saved.read_bytes() == Path(handle.path).read_bytes()
     assert name in ScaledFP16Loader.INPUT_TYPES()["required"]["unet_name"][0]  # listed after a refresh
 
-    tensors, scales = read_scaled_file(saved)
+    scaled = read_scaled_file(saved)
+    tensors, scales = scaled.tensors, scaled.scales
     assert "scaled_fp16" not in tensors and set(scales) == {
         f"{k}.scale_weight" for k in ("up", "down", "tokens", "positions")
     }
@@ -354,7 +355,8 @@ def test_a_damaged_saved_file_fails_to_load_naming_file_and_tensor(handle, comfy
 def test_a_plain_file_loads_unchanged(comfy_env) -> None:
     path = comfy_env["diffusion_models"] / "plain.safetensors"
     save_file(tiny_net_weights(), str(path))
-    tensors, scales = read_scaled_file(path)
+    scaled = read_scaled_file(path)
+    tensors, scales = scaled.tensors, scaled.scales
     assert scales == {} and set(tensors) == set(tiny_net_weights())
     with torch.no_grad():
         assert torch.equal(
