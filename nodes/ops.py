@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from ..quant_core.format import validated_scale
-
-SCALE = "scale_weight"
-INPUT_SCALE = "scale_input"
+from ..quant_core.format import SCALE_INPUT as INPUT_SCALE
+from ..quant_core.format import SCALE_WEIGHT as SCALE
+from ..quant_core.reader import validated_scale
 
 
 def storage_tensor(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
