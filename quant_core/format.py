@@ -13,11 +13,9 @@ weights such as LayerNorm scales, and non-power-of-two scales.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
-
-from .errors import QuantError
 
 FORMAT_NAME = "scaled_fp16"
 FORMAT_VERSION = "1"
@@ -48,7 +46,7 @@ MARKER_SHAPES = (marker_shape(False), marker_shape(True))
 
 
 def layer_name(weight_key: str) -> str:
-    return weight_key[: -len(WEIGHT_SUFFIX)] if weight_key.endswith(WEIGHT_SUFFIX) else weight_key
+    return weight_key.removesuffix(WEIGHT_SUFFIX)
 
 
 def scale_weight_key(weight_key: str) -> str:
@@ -60,7 +58,7 @@ def scale_input_key(weight_key: str) -> str:
 
 
 def is_scale_key(key: str) -> bool:
-    return key.endswith(SCALE_WEIGHT_SUFFIX) or key.endswith(SCALE_INPUT_SUFFIX)
+    return key.endswith((SCALE_WEIGHT_SUFFIX, SCALE_INPUT_SUFFIX))
 
 
 def already_scaled_reason(keys: Iterable[str]) -> str | None:
@@ -101,13 +99,3 @@ def recorded_scaled_weights(metadata: Mapping[str, str] | None) -> list[str]:
     except ValueError:
         return []  # unreadable record: nothing to compare against
     return [w for w in weights if isinstance(w, str)] if isinstance(weights, list) else []
-
-
-def validated_scale(key: str, scale: torch.Tensor) -> torch.Tensor:
-    """A scale_weight as a float32 scalar tensor, or QuantError if it cannot be a real scale."""
-    if scale.numel() != 1 or not scale.is_floating_point():
-        raise QuantError(f"'{key}' must be one float, found shape {list(scale.shape)} dtype {scale.dtype}")
-    value = scale.reshape(()).to(torch.float32)
-    if not torch.isfinite(value) or value <= 0:
-        raise QuantError(f"'{key}' is {value.item()}; a scale must be finite and positive")
-    return value

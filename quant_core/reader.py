@@ -27,7 +27,6 @@ from .format import (
     is_scale_key,
     recorded_scaled_weights,
     scale_weight_key,
-    validated_scale,
 )
 from .safetensors_io import open_safetensors
 
@@ -93,6 +92,16 @@ def _dequantize(
         else:
             out[key] = value.to(dtype) if value.is_floating_point() else value
     return out
+
+
+def validated_scale(key: str, scale: torch.Tensor) -> torch.Tensor:
+    """A scale_weight as a float32 scalar tensor, or QuantError if it cannot be a real scale."""
+    if scale.numel() != 1 or not scale.is_floating_point():
+        raise QuantError(f"'{key}' must be one float, found shape {list(scale.shape)} dtype {scale.dtype}")
+    value = scale.reshape(()).to(torch.float32)
+    if not torch.isfinite(value) or value <= 0:
+        raise QuantError(f"'{key}' is {value.item()}; a scale must be finite and positive")
+    return value
 
 
 def validate_scaled_state_dict(
