@@ -35,7 +35,7 @@ def storage_tensor(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class ScaleAware:
     """Mixin for every layer kind: reads `scale_weight` from the state dict and folds it into the weight."""
 
-    loaded_scale: tuple[str, float] | None = None  # (state-dict key, value): lets the loader check every scale was used
+    loaded_scale: tuple[str, float] | None = None  # (state-dict key, value) of the scale taken; see applied_scales
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         own = {k: v for k, v in state_dict.items() if k not in (prefix + SCALE, prefix + INPUT_SCALE)}
@@ -116,6 +116,15 @@ class ScaledLinear(ScaleAware):
             return super().forward_comfy_cast_weights(input, *args, **kwargs)
         weight, bias = self.scaled_weight_bias(input)
         return torch.nn.functional.linear(input, weight, bias)
+
+
+def applied_scales(model: torch.nn.Module) -> list[tuple[str, float]]:
+    """(state-dict key, value) of every `scale_weight` a layer of these operations took while the model loaded.
+
+    The loader's contract with this module: it compares these with the scales the file holds, because
+    a scale that reached no such layer would be silently ignored by the model.
+    """
+    return [m.loaded_scale for m in model.modules() if isinstance(m, ScaleAware) and m.loaded_scale is not None]
 
 
 @functools.cache
