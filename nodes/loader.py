@@ -15,7 +15,7 @@ import torch
 from ..quant_core import QuantError
 from ..quant_core.reader import read_scaled_file
 from .handles import CATEGORY
-from .ops import scaled_fp16_ops
+from .ops import applied_scales, scaled_fp16_ops
 from .paths import resolve_model_file, safetensors_names
 
 NONE = "None"
@@ -24,7 +24,7 @@ NONE = "None"
 def check_scales_applied(source: str, expected: list[str], model: torch.nn.Module) -> None:
     """Every scale in `expected` (keys, one per scaled weight) must have been taken by one of the pack's layers."""
     # Counted per layer, not per key: two text encoders of one CLIP can share relative key names.
-    taken = [m.loaded_scale[0] for m in model.modules() if getattr(m, "loaded_scale", None) and m.loaded_scale[1] != 1]
+    taken = [key for key, value in applied_scales(model) if value != 1]
     if len(taken) < len(expected):
         missed = [k for k in expected if k not in set(taken)] or expected
         raise QuantError(
