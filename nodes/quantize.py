@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
 from typing import Any
 
 from ..quant_core import ConvertOptions, convert_file
 from ..quant_core.calibration import CalibrationStatistics
 from ..quant_core.methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS
-from .calibrate import CALIBRATION_TYPE
 from ..quant_core.report import ConversionReport
-from .handles import CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
+from .handles import CALIBRATION_TYPE, CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
+from .paths import temp_output_path
 from .progress import NodeProgress, layer_summary
-
-TEMP_SUBFOLDER = "learned_rounding_fp16"
 
 
 def exclude_patterns(text: str) -> tuple[str, ...]:
@@ -38,14 +34,6 @@ def setting_inputs() -> dict[str, tuple[str, dict[str, Any]]]:
         for s in SETTINGS
         if s.offered
     }
-
-
-def temp_output_path(source: QuantSource) -> Path:
-    """A fresh file in ComfyUI's temp folder (emptied by ComfyUI at start-up)."""
-    import folder_paths
-
-    stem = Path(source.name).stem
-    return Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER, f"{stem}-{uuid.uuid4().hex[:12]}.safetensors")
 
 
 def compute_device() -> str:
@@ -124,7 +112,7 @@ class LearnedRoundingFP16:
             prefix=source.prefix,
             device=compute_device(),
         )
-        output = temp_output_path(source)
+        output = temp_output_path(source.name)
         report = convert_file(
             source.path,
             output,
@@ -132,6 +120,7 @@ class LearnedRoundingFP16:
             statistics=calibration,  # in memory, or read lazily from the file LoadCalibrationFP16 opened
             listener=NodeProgress(unique_id),
             check_cancelled=comfy.model_management.throw_exception_if_processing_interrupted,
+            report_json=False,  # SaveScaledFP16 writes it beside the saved file
         )
         handle = ScaledFP16File(str(output), source, report)
         return {"ui": {"quant_report": [report_payload(report)]}, "result": (handle, "\n".join(report.summary_lines()))}

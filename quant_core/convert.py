@@ -140,12 +140,16 @@ def convert_file(
     statistics: CalibrationStatistics | None = None,
     listener: ProgressListener | None = None,
     check_cancelled: Callable[[], None] = _no_check,
+    report_json: bool = True,
 ) -> ConversionReport:
-    """Convert `input_path` to a scaled_fp16 file; returns the report (also written as JSON).
+    """Convert `input_path` to a scaled_fp16 file; returns the report.
 
     `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
-    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called between chunks of work and may raise to stop; the output is then
-    never created. Raises QuantError for problems with the input, settings or output location.
+    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
+    between chunks of work and may raise to stop; the output is then never created. The report is
+    also written as JSON beside the output unless `report_json` is False (ComfyUI's save node writes
+    it beside the saved file instead). Raises QuantError for problems with the input, settings or
+    output location.
     """
     started = time.perf_counter()
     input_path = Path(input_path)
@@ -189,6 +193,7 @@ def convert_file(
 
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
-    report.write_json(report_path_for(output_path))
+    if report_json:
+        report.write_json(report_path_for(output_path))
     log.info("converted %s -> %s in %.1f s", input_path, output_path, report.seconds)
     return report

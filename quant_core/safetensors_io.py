@@ -233,6 +233,7 @@ class StreamingWriter:
         header_bytes += b" " * (-len(header_bytes) % 8)
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
         self._pending = set(self._offsets)
+        self._staged: StagedFile | None = None
         try:
             self._staged = StagedFile(self.target.parent, self.target.name)
         except OSError as exc:
@@ -268,9 +269,18 @@ class StreamingWriter:
         self._write_at(payload, self._data_start + offset)
         self._pending.discard(name)
 
-    def commit(self) -> Path:
+    def _check_complete(self) -> None:
         if self._pending:
-            raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
+            raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {min(self._pending)}")
+
+    def finish(self) -> StagedFile:
+        """The complete file, still hidden, for the caller to place (`commit` places it at the target)."""
+        self._check_complete()
+        staged, self._staged = self._staged, None  # handed over: nothing left here to remove
+        return staged
+
+    def commit(self) -> Path:
+        self._check_complete()
         try:
             try:
                 return self._staged.place(self.target, self.overwrite)
@@ -283,7 +293,8 @@ class StreamingWriter:
             raise
 
     def abort(self) -> None:
-        self._staged.discard()
+        if self._staged is not None:
+            self._staged.discard()
 
     def __enter__(self) -> "StreamingWriter":
         return self
@@ -296,11 +307,30 @@ def write_state_dict(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Save a whole in-memory state dict atomically (like safetensors' save_file, without numpy)."""
+    with _written_whole(tensors, Path(path), metadata, overwrite=True) as writer:
+        return writer.commit()
+
+
+def stage_state_dict(
+    tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike, metadata: Mapping[str, str] | None = None, hint: str = ""
+) -> StagedFile:
+    """A whole in-memory state dict written into a hidden file in `folder`, for the caller to place where it chooses."""
+    with _written_whole(tensors, Path(folder, hint or "state_dict"), metadata) as writer:
+        return writer.finish()
+
+
+def _written_whole(
+    tensors: Mapping[str, torch.Tensor], target: Path, metadata: Mapping[str, str] | None, overwrite: bool = False
+) -> StreamingWriter:
     declared = [
         OutputTensor(name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
-    with StreamingWriter(path, declared, metadata or {}, overwrite=True) as writer:
+    writer = StreamingWriter(target, declared, metadata or {}, overwrite)
+    try:
         for name, t in tensors.items():
             writer.write(name, t.cpu())
-        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
