@@ -73,3 +73,11 @@ def test_no_import_cycles_among_the_pack_modules() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_the_readme_code_map_lists_every_module_once() -> None:
+    readme = (ROOT / "README.md").read_text()
+    code_map = readme[readme.index("### Code map") : readme.index("### Where a change goes")]
+    listed = [line.split("`")[1] for line in code_map.splitlines() if line.startswith("| `")]
+    modules = sorted(str(f.relative_to(ROOT)) for f in [*ROOT.glob("quant_core/**/*.py"), *ROOT.glob("nodes/*.py")])
+    assert sorted(m for m in listed if m.startswith(("quant_core/", "nodes/"))) == modules
