@@ -172,8 +172,8 @@ def convert_file(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
         layout = plan_layout(src, choices, options.t5xxl, calibrated)
-        job = Job(src, device, method, settings, statistics, calibrated, {}, check_cancelled)
-        job.exponents = _scale_exponents(src, layout.plans, check_cancelled)
+        exponents = _scale_exponents(src, layout.plans, check_cancelled)
+        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         settings_recorded = {**report.settings, "source": input_path.name}
         metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights)
         total = len(layout.plans)
@@ -182,8 +182,8 @@ def convert_file(
                 check_cancelled()
                 if listener is not None:
                     listener.tensor_started(plan.name, index, total)
-                produced = plan.producer.produce(job, plan.entry) if plan.producer is not None else None
-                layer = _write(writer, produced)
+                # not kept in a variable: the previous tensor's data is freed before the next one is made
+                layer = _write(writer, plan.producer.produce(job, plan.entry) if plan.producer is not None else None)
                 report.record(plan.name, plan.fate, plan.reason, layer)
                 if listener is not None:
                     listener.tensor_finished(plan.name, index, total, layer)
