@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 _WRITE_BLOCK = 1 << 26
 _MAX_HINT = 64  # characters of the final name kept in the hidden one: a long name cannot overflow the limit

@@ -14,10 +14,10 @@ from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.calibrated import bias_shift, calibrated_rounding, updown_rounding
 from quant_core.calibration import InputStatistics, StatisticsRecorder, load_statistics, save_statistics
 from quant_core.cli import main
-from quant_core.reader import dequantize_state_dict
 from quant_core.fp16 import FP16_MAX, choose_scale_exponent
-from quant_core.report import report_path_for
 from quant_core.methods import rounding_settings
+from quant_core.reader import dequantize_state_dict
+from quant_core.report import report_path_for
 from quant_core.rounding import ScaledWeight, abs_max, round_nearest
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

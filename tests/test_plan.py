@@ -53,6 +53,6 @@ def test_the_file_records_which_weights_carry_a_scale(save, tmp_path) -> None:
     convert_file(src, out, ConvertOptions(method="rtn", keep_distillation=True, exclude=("^b",)))
     with safe_open(str(out), "pt") as f:
         recorded = f.metadata()[META_SCALED_WEIGHTS]
-        scales = sorted(k for k in f.keys() if k.endswith(".scale_weight"))
+        scales = sorted(k for k in f.keys() if k.endswith(".scale_weight"))  # noqa: SIM118  (not a dict)
     assert recorded == '["a.weight", "img_in.weight"]'
     assert scales == ["a.scale_weight", "img_in.scale_weight"]
