@@ -45,8 +45,8 @@ def main() -> None:
     import torch
 
     import test_comfyui_calibration as graphs
-    from quant_core.calibration import CalibrationStatistics
-    from test_comfyui_integration import running_server
+    from quant_core.calibration import load_statistics
+    from comfyui_server import running_server
 
     rows = []
     started = time.monotonic()
@@ -75,7 +75,7 @@ def main() -> None:
                 summary = outputs["10"]["quant_report"][0]["summary"]
                 (saved,) = outputs["8"]["text"]
                 stats_path = server.base / "models" / "calibration" / saved.removeprefix("saved ")
-                stats = CalibrationStatistics.load(stats_path)
+                stats = load_statistics(stats_path)
                 unets = {"original": None, "calibrated": graphs.saved_name(outputs, "11"), "rtn": rtn_file}
                 t0 = time.monotonic()
                 held = server.run(graphs.evaluation_graph(unets, tag))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from quant_core import ConvertOptions, convert_file  # noqa: E402
 from quant_core.example import write_example_model  # noqa: E402
-from quant_core.format import dequantize_state_dict  # noqa: E402
+from quant_core.reader import dequantize_state_dict  # noqa: E402
 
 
 def errors(original: torch.Tensor, restored: torch.Tensor, k: int) -> tuple[float, float]:
@@ -42,7 +42,7 @@ def main() -> None:
     for method in ("rtn", "learned"):
         out = work / f"{method}.safetensors"
         started = time.perf_counter()
-        convert_file(source, out, ConvertOptions(method=method, top_k=k, overwrite=True))
+        convert_file(source, out, ConvertOptions(method=method, rounding={"top_k": k}, overwrite=True))
         seconds[method] = time.perf_counter() - started
         outputs[method] = dequantize_state_dict(load_file(str(out)), dtype=torch.float64)
     original = load_file(str(source))

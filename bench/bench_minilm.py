@@ -42,9 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.sentences import calibration_and_heldout  # noqa: E402
 from quant_core import ConvertOptions, convert_file  # noqa: E402
-from quant_core.calibration import CalibrationStatistics, StatisticsRecorder  # noqa: E402
-from quant_core.convert import NEEDS_STATISTICS  # noqa: E402
-from quant_core.format import dequantize_state_dict  # noqa: E402
+from quant_core.calibration import CalibrationStatistics, StatisticsRecorder, load_statistics, save_statistics  # noqa: E402
+from quant_core.methods import METHODS  # noqa: E402
+from quant_core.reader import dequantize_state_dict  # noqa: E402
 
 LAYER_TYPES = [  # (suffix, label); the first match wins
     ("attention.self.query", "query"),
@@ -162,8 +162,8 @@ def main() -> None:
     record_seconds = time.perf_counter() - started
     record(model, tokenizer, calibration, [summary])
     stats_files = {
-        "full": full.statistics(model="all-MiniLM-L6-v2").save(work / "stats.safetensors"),
-        "summary": summary.statistics(model="all-MiniLM-L6-v2").save(work / "stats_summary.safetensors"),
+        "full": save_statistics(full.statistics(model="all-MiniLM-L6-v2"), work / "stats.safetensors"),
+        "summary": save_statistics(summary.statistics(model="all-MiniLM-L6-v2"), work / "stats_summary.safetensors"),
     }
     held_recorder = StatisticsRecorder(model, max_full_dim=4096)
     record(model, tokenizer, heldout, [held_recorder])
@@ -171,22 +171,22 @@ def main() -> None:
     reference = embeddings(model, tokenizer, heldout)
     source = load_file(str(source_path))
 
-    runs = [(m, "full" if m in NEEDS_STATISTICS else None) for m in methods]
+    runs = [(m, "full" if METHODS[m].needs_statistics else None) for m in methods]
     if "calibrated" in methods:
         runs.append(("calibrated", "summary"))
     results = {}
     for method, stats_kind in runs:
         label = method if stats_kind != "summary" else f"calibrated, rank-{args.summary_rank} summary"
         out = work / (f"{method}_{stats_kind}.safetensors" if stats_kind else f"{method}.safetensors")
-        calib = str(stats_files[stats_kind]) if stats_kind else None
         started = time.perf_counter()
-        report = convert_file(source_path, out, ConvertOptions(method=method, calib=calib, overwrite=True))
+        calib = load_statistics(stats_files[stats_kind]) if stats_kind else None  # what --calib does
+        report = convert_file(source_path, out, ConvertOptions(method=method, overwrite=True), statistics=calib)
         wall = time.perf_counter() - started
         restored = dequantize_state_dict(load_file(str(out)))
         rows = layer_errors(source, restored, held_stats)
         e2e = end_to_end(model, tokenizer, restored, heldout, reference)
         source_biases = {**restored, **{k: v for k, v in source.items() if k.endswith(".bias")}}
-        e2e_no_bias = end_to_end(model, tokenizer, source_biases, heldout, reference) if calib else None
+        e2e_no_bias = end_to_end(model, tokenizer, source_biases, heldout, reference) if calib is not None else None
         seconds = defaultdict(float)
         for layer in report.layers:
             kind = layer_type(layer.name[: -len(".weight")]) if layer.name[: -len(".weight")] in held_stats.layers else "embeddings"
@@ -195,7 +195,7 @@ def main() -> None:
         print(f"{label}: converted in {wall:.1f} s, held-out Linear output error {pooled(rows, 'out_sq', 'ref_sq'):.3e}", flush=True)
 
     memory = {"full": full.memory_bytes, "summary": summary.memory_bytes}
-    cal = CalibrationStatistics.load(stats_files["full"])
+    cal = load_statistics(stats_files["full"])
     lines = render(results, held_stats, cal, memory, record_seconds, args, len(calibration), len(heldout))
     table = "\n".join(lines)
     print(table)

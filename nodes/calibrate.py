@@ -10,29 +10,26 @@ sampler or text encoder with the recorder attached, and save/load the result as 
 from __future__ import annotations
 
 import math
-import uuid
 from pathlib import Path
 from typing import Any
 
-from ..quant_core.calibration import DEFAULT_MAX_FULL_DIM, CalibrationStatistics, StatisticsRecorder
-from .handles import CATEGORY
-from .paths import relative_name, sanitize_prefix
-from .save import publish, subfolder
-
-CALIBRATION_TYPE = "CALIBRATION"
-CALIBRATION_FOLDER = "calibration"
-
-
-def calibration_folders() -> list[str]:
-    """models/calibration, registered with ComfyUI on first use (so it lists in the loader)."""
-    import folder_paths
-
-    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(
-            CALIBRATION_FOLDER, str(Path(folder_paths.models_dir, CALIBRATION_FOLDER)), True
-        )
-        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER][1].add(".safetensors")
-    return folder_paths.get_folder_paths(CALIBRATION_FOLDER)
+from ..quant_core.calibration import (
+    DEFAULT_MAX_FULL_DIM,
+    CalibrationStatistics,
+    StatisticsRecorder,
+    load_statistics,
+)
+from ..quant_core.calibration.statistics_file import statistics_state_dict
+from ..quant_core.safetensors_io import stage_state_dict
+from .handles import CALIBRATION_TYPE, CATEGORY
+from .paths import (
+    CALIBRATION_FOLDER,
+    calibration_folders,
+    publish,
+    relative_name,
+    resolve_model_file,
+    save_location,
+)
 
 
 def recorded_steps(steps: int, record_steps: int) -> set[int]:
@@ -221,14 +218,10 @@ class SaveCalibrationFP16:
 
     def save(self, calibration: CalibrationStatistics, filename_prefix: str) -> dict:
         root = Path(calibration_folders()[0])
-        prefix = sanitize_prefix(filename_prefix)
-        folder = subfolder(root, prefix.parent)
-        staged = folder / f".{uuid.uuid4().hex}.partial"
-        try:
-            calibration.save(staged)
-            target = publish(staged, folder, prefix.name)  # first free <name>_NNNNN, never overwriting
-        finally:
-            staged.unlink(missing_ok=True)
+        folder, stem = save_location(root, filename_prefix)
+        tensors, metadata = statistics_state_dict(calibration)
+        with stage_state_dict(tensors, folder, metadata, stem) as staged:  # written once, into its folder
+            target = publish(staged, folder, stem)  # first free <name>_NNNNN, never overwriting
         return {"ui": {"text": [f"saved {target.relative_to(root)}"]}}
 
 
@@ -248,18 +241,7 @@ class LoadCalibrationFP16:
         return {"required": {"calibration_name": (folder_paths.get_filename_list(CALIBRATION_FOLDER),)}}
 
     def load(self, calibration_name: str) -> tuple[CalibrationStatistics, str]:
-        from .paths import resolve_model_file
-
         relative_name(calibration_name)
         calibration_folders()
-        stats = CalibrationStatistics.load(resolve_model_file(CALIBRATION_FOLDER, calibration_name))
+        stats = load_statistics(resolve_model_file(CALIBRATION_FOLDER, calibration_name))
         return stats, summary_text(stats, calibration_name)
-
-
-def statistics_file(calibration: CalibrationStatistics, folder: Path) -> str:
-    """A file holding the calibration, for the converter: its own file if it has one, else a copy in `folder`."""
-    if calibration.source and Path(calibration.source).is_file():
-        return calibration.source
-    path = folder / f"calibration-{uuid.uuid4().hex[:12]}.safetensors"
-    calibration.save(path)
-    return str(path)

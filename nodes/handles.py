@@ -1,7 +1,8 @@
-"""What flows between the pack's nodes: small handles to files, never tensors.
+"""What flows between the pack's nodes: every socket type of the pack, and the small handles they carry.
 
 A 24 GB model must not pass through a graph as tensors held in RAM; the nodes hand each other a
-path (and the conversion report) and stream from it.
+path (and the conversion report) and stream from it. A calibration (CALIBRATION) is the
+`quant_core.calibration.CalibrationStatistics` itself: recorded in memory, or read lazily from a file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..quant_core.report import ConversionReport
 CATEGORY = "quantization/scaled_fp16"
 SOURCE_TYPE = "QUANT_SOURCE"
 SCALED_TYPE = "SCALED_FP16"
+CALIBRATION_TYPE = "CALIBRATION"
 
 
 @dataclass(frozen=True)

@@ -8,52 +8,23 @@ would be silently ignored).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
 from ..quant_core import QuantError
-from ..quant_core.format import MARKER_KEY, validate_scaled_state_dict
+from ..quant_core.reader import read_scaled_file
 from .handles import CATEGORY
-from .ops import scaled_fp16_ops
+from .ops import applied_scales, scaled_fp16_ops
 from .paths import resolve_model_file, safetensors_names
 
-log = logging.getLogger(__name__)
-
 NONE = "None"
-
-
-def read_scaled_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The file's tensors ready for a ComfyUI loader (marker removed) and its scales, validated.
-
-    A file without the marker is returned as is (the operations run plain weights unchanged).
-    """
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
-    except Exception as exc:  # the library raises several types for malformed files
-        raise QuantError(f"{path}: not a valid safetensors file ({exc})") from None
-    if MARKER_KEY not in tensors:
-        log.info("%s has no '%s' marker: loading it as plain weights", path, MARKER_KEY)
-        return tensors, {}
-    scales = validate_scaled_state_dict(str(path), tensors, metadata)
-    del tensors[MARKER_KEY]
-    return tensors, scales
-
-
-def non_unit_scales(scales: Mapping[str, float]) -> list[str]:
-    """The scale keys that change their weight (a scale of 1 is harmless wherever it ends up)."""
-    return [k for k, v in scales.items() if v != 1.0]
 
 
 def check_scales_applied(source: str, expected: list[str], model: torch.nn.Module) -> None:
     """Every scale in `expected` (keys, one per scaled weight) must have been taken by one of the pack's layers."""
     # Counted per layer, not per key: two text encoders of one CLIP can share relative key names.
-    taken = [m.loaded_scale[0] for m in model.modules() if getattr(m, "loaded_scale", None) and m.loaded_scale[1] != 1]
+    taken = [key for key, value in applied_scales(model) if value != 1]
     if len(taken) < len(expected):
         missed = [k for k in expected if k not in set(taken)] or expected
         raise QuantError(
@@ -65,11 +36,13 @@ def check_scales_applied(source: str, expected: list[str], model: torch.nn.Modul
 def load_diffusion_model(path: Path):
     import comfy.sd
 
-    tensors, scales = read_scaled_file(path)
-    patcher = comfy.sd.load_diffusion_model_state_dict(tensors, model_options={"custom_operations": scaled_fp16_ops()})
+    scaled = read_scaled_file(path)
+    patcher = comfy.sd.load_diffusion_model_state_dict(
+        scaled.tensors, model_options={"custom_operations": scaled_fp16_ops()}
+    )
     if patcher is None:
         raise QuantError(f"{path}: ComfyUI cannot detect the diffusion model type of this file")
-    check_scales_applied(str(path), non_unit_scales(scales), patcher.model.diffusion_model)
+    check_scales_applied(str(path), scaled.expected_scales, patcher.model.diffusion_model)
     return patcher
 
 
@@ -87,12 +60,12 @@ def load_text_encoders(paths: list[Path], clip_type: str):
 
     files = [read_scaled_file(p) for p in paths]
     clip = comfy.sd.load_text_encoder_state_dicts(
-        state_dicts=[tensors for tensors, _ in files],
+        state_dicts=[scaled.tensors for scaled in files],
         embedding_directory=folder_paths.get_folder_paths("embeddings"),
         clip_type=getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION),
         model_options={"custom_operations": scaled_fp16_ops()},
     )
-    expected = [key for _, scales in files for key in non_unit_scales(scales)]
+    expected = [key for scaled in files for key in scaled.expected_scales]
     check_scales_applied(", ".join(str(p) for p in paths), expected, clip.cond_stage_model)
     return clip
 

@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..quant_core.format import validated_scale
+from ..quant_core.format import SCALE_INPUT as INPUT_SCALE
+from ..quant_core.format import SCALE_WEIGHT as SCALE
+from ..quant_core.reader import validated_scale
 
-SCALE = "scale_weight"
-INPUT_SCALE = "scale_input"
 # Where ComfyUI puts weight patches it expects the layer's cast to apply (the second one: Dynamic VRAM).
 PATCH_LISTS = ("weight_function",)
 PATCH_SLOTS = ("weight_lowvram_function",)
@@ -88,7 +88,7 @@ def cast_stored(layer: torch.nn.Module, input: torch.Tensor) -> Iterator[tuple[t
 class ScaleAware:
     """Mixin for every layer kind: reads `scale_weight` from the state dict and folds it into the weight."""
 
-    loaded_scale: tuple[str, float] | None = None  # (state-dict key, value): lets the loader check every scale was used
+    loaded_scale: tuple[str, float] | None = None  # (state-dict key, value) of the scale taken; see applied_scales
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         own = {k: v for k, v in state_dict.items() if k not in (prefix + SCALE, prefix + INPUT_SCALE)}
@@ -180,6 +180,15 @@ class ScaledLinear(ScaleAware):
         else:
             self.weight = torch.nn.Parameter(new, requires_grad=False)
         return None
+
+
+def applied_scales(model: torch.nn.Module) -> list[tuple[str, float]]:
+    """(state-dict key, value) of every `scale_weight` a layer of these operations took while the model loaded.
+
+    The loader's contract with this module: it compares these with the scales the file holds, because
+    a scale that reached no such layer would be silently ignored by the model.
+    """
+    return [m.loaded_scale for m in model.modules() if isinstance(m, ScaleAware) and m.loaded_scale is not None]
 
 
 @functools.cache

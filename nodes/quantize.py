@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
 from typing import Any
 
 from ..quant_core import ConvertOptions, convert_file
 from ..quant_core.calibration import CalibrationStatistics
-from ..quant_core.convert import CALIBRATED_METHOD, DEFAULT_METHOD, METHODS
-from .calibrate import CALIBRATION_TYPE, statistics_file
+from ..quant_core.methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS
 from ..quant_core.report import ConversionReport
-from .handles import CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
+from .handles import CALIBRATION_TYPE, CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
+from .paths import temp_output_path
 from .progress import NodeProgress, layer_summary
-
-TEMP_SUBFOLDER = "learned_rounding_fp16"
-AUTO_METHOD = "auto"
-_DEFAULTS = ConvertOptions()
 
 
 def exclude_patterns(text: str) -> tuple[str, ...]:
@@ -33,12 +27,13 @@ def report_payload(report: ConversionReport) -> dict[str, Any]:
     }
 
 
-def temp_output_path(source: QuantSource) -> Path:
-    """A fresh file in ComfyUI's temp folder (emptied by ComfyUI at start-up)."""
-    import folder_paths
-
-    stem = Path(source.name).stem
-    return Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER, f"{stem}-{uuid.uuid4().hex[:12]}.safetensors")
+def setting_inputs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """One INT widget per offered rounding setting, as declared in quant_core.methods."""
+    return {
+        s.name: ("INT", {"default": s.default, "min": s.minimum, "max": s.maximum, "tooltip": s.help})
+        for s in SETTINGS
+        if s.offered
+    }
 
 
 def compute_device() -> str:
@@ -66,29 +61,14 @@ class LearnedRoundingFP16:
             "required": {
                 "source": (SOURCE_TYPE,),
                 "method": (
-                    [AUTO_METHOD, *METHODS],
+                    [AUTO, *METHODS],
                     {
-                        "default": AUTO_METHOD,
-                        "tooltip": "auto: calibrated with a calibration connected, else learned; rtn: fastest",
+                        "default": AUTO,
+                        "tooltip": f"{AUTO}: {WITH_STATISTICS} with a calibration connected, else {DEFAULT}; "
+                        + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()),
                     },
                 ),
-                "num_iter": (
-                    "INT",
-                    {"default": _DEFAULTS.num_iter, "min": 0, "max": 100000, "tooltip": "Max search iterations"},
-                ),
-                "top_k": (
-                    "INT",
-                    {"default": _DEFAULTS.top_k, "min": 1, "max": 64, "tooltip": "Principal directions kept"},
-                ),
-                "calib_samples": (
-                    "INT",
-                    {
-                        "default": _DEFAULTS.calib_samples,
-                        "min": 0,
-                        "max": 1 << 20,
-                        "tooltip": "Recorded; data-free methods use none",
-                    },
-                ),
+                **setting_inputs(),
                 "t5xxl": ("BOOLEAN", {"default": False, "tooltip": "Drop the decoder, keep norms/biases/embeddings"}),
                 "keep_distillation": (
                     "BOOLEAN",
@@ -122,31 +102,25 @@ class LearnedRoundingFP16:
         unique_id: str | None = None,
     ) -> dict[str, Any]:
         import comfy.model_management
-        import folder_paths
 
-        if method == AUTO_METHOD:
-            method = CALIBRATED_METHOD if calibration is not None else DEFAULT_METHOD
-        temp_folder = Path(folder_paths.get_temp_directory(), TEMP_SUBFOLDER)
-        calib = statistics_file(calibration, temp_folder) if calibration is not None else None
         options = ConvertOptions(
             method=method,
-            calib=calib,
-            num_iter=num_iter,
-            top_k=top_k,
-            calib_samples=calib_samples,
+            rounding={"num_iter": num_iter, "top_k": top_k, "calib_samples": calib_samples},
             t5xxl=t5xxl,
             keep_distillation=keep_distillation,
             exclude=exclude_patterns(exclude),
             prefix=source.prefix,
             device=compute_device(),
         )
-        output = temp_output_path(source)
+        output = temp_output_path(source.name)
         report = convert_file(
             source.path,
             output,
             options,
+            statistics=calibration,  # in memory, or read lazily from the file LoadCalibrationFP16 opened
             listener=NodeProgress(unique_id),
             check_cancelled=comfy.model_management.throw_exception_if_processing_interrupted,
+            report_json=False,  # SaveScaledFP16 writes it beside the saved file
         )
         handle = ScaledFP16File(str(output), source, report)
         return {"ui": {"quant_report": [report_payload(report)]}, "result": (handle, "\n".join(report.summary_lines()))}

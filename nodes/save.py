@@ -4,80 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..quant_core import QuantError
 from ..quant_core.report import report_path_for
-from ..quant_core.safetensors_io import rename_no_clobber
 from .handles import CATEGORY, SCALED_TYPE, ScaledFP16File
-from .paths import DESTINATIONS, destination_root, sanitize_prefix
+from .paths import DESTINATIONS, destination_root, publish, save_location, staged_copy
 
 log = logging.getLogger(__name__)
 
-MAX_COUNTER = 99999
-
-
-def _stage(source: Path, folder: Path) -> Path:
-    """A hidden complete copy of `source` inside `folder`: a hard link when possible, else a synced copy."""
-    staged = folder / f".{uuid.uuid4().hex}.partial"
-    try:
-        os.link(source, staged)  # same filesystem: no copy, and the temp file stays for a re-run
-    except OSError:
-        try:
-            shutil.copyfile(source, staged)
-            with open(staged, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            staged.unlink(missing_ok=True)
-            raise QuantError(f"{folder}: cannot write the model ({exc.strerror or exc}); check free space") from None
-    return staged
-
-
-def publish(source: Path, folder: Path, stem: str) -> Path:
-    """Place `source` at the first free `<stem>_NNNNN.safetensors` in `folder`; returns that path."""
-    staged = _stage(source, folder)
-    try:
-        for counter in range(1, MAX_COUNTER + 1):
-            target = folder / f"{stem}_{counter:05}.safetensors"
-            try:
-                rename_no_clobber(staged, target)
-                return target
-            except FileExistsError:
-                continue
-        raise QuantError(f"{folder}: every name {stem}_00001 .. _{MAX_COUNTER} is taken; choose another prefix")
-    finally:
-        staged.unlink(missing_ok=True)
-
-
-def subfolder(root: Path, rel: PurePosixPath) -> Path:
-    """root/rel, created as needed; refused if an existing part of it (a symlink) leads outside root."""
-    root.mkdir(parents=True, exist_ok=True)
-    real_root = root.resolve()
-    folder = root
-    for part in rel.parts:
-        folder = folder / part
-        if folder.exists() or folder.is_symlink():
-            if not folder.resolve().is_relative_to(real_root) or not folder.is_dir():
-                raise QuantError(f"{folder}: not a folder inside {root}; choose another filename_prefix")
-        else:
-            folder.mkdir(exist_ok=True)
-    return folder
-
 
 def save(handle: ScaledFP16File, filename_prefix: str, destination: str) -> tuple[Path, Path]:
-    """Save the handle's file; returns (saved path, destination root)."""
+    """Save the handle's file, and its report beside it; returns (saved path, destination root)."""
     source = Path(handle.path)
     if not source.is_file():
         raise QuantError(
             f"{source}: the converted file is gone (ComfyUI empties its temp folder at start); run the conversion again"
         )
     root = destination_root(destination)
-    rel = sanitize_prefix(filename_prefix)
-    target = publish(source, subfolder(root, rel.parent), rel.name)
+    folder, stem = save_location(root, filename_prefix)
+    with staged_copy(source, folder) as staged:
+        target = publish(staged, folder, stem)
     dataclasses.replace(handle.report, output=str(target)).write_json(report_path_for(target))
     log.info("saved %s", target)
     return target, root

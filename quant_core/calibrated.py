@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .fp16 import FP16_MAX, other_neighbour, round_to_fp16
 from .rounding import ErrorStats, RoundingOutcome, RoundingSettings, ScaledWeight
+
+if TYPE_CHECKING:
+    from .calibration import InputStatistics
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,11 @@ Candidate = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 RowsMethod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, "float | None", int]]
 
 
-def _ordered_hessian(weight: ScaledWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def _ordered_hessian(weight: ScaledWeight, stats: InputStatistics | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(H in act-order, float64 on the weight's device; the order) for a weight with statistics.
 
     Everything below works in this column order (largest diag(H) first) and only q goes back.
     """
-    stats = weight.statistics
     if stats is None:
         raise ValueError("calibrated rounding needs the layer's input statistics")
     if stats.dim != weight.shape[1]:
@@ -185,9 +187,11 @@ def _updown_rows(w: torch.Tensor, nearest: torch.Tensor, h: torch.Tensor, u: tor
     return q, None, _coordinate_descent(w, q, h, g, toggle, UPDOWN_SWEEPS)
 
 
-def _round_with_statistics(weight: ScaledWeight, rows_method: RowsMethod, needs_factor: bool) -> RoundingOutcome:
+def _round_with_statistics(
+    weight: ScaledWeight, statistics: InputStatistics | None, rows_method: RowsMethod, needs_factor: bool
+) -> RoundingOutcome:
     """Shared driver: act-order, row groups, per-row fallback to round-to-nearest, report."""
-    h, order = _ordered_hessian(weight)
+    h, order = _ordered_hessian(weight, statistics)
     u = _inverse_factor(h) if needs_factor else None
     unusable = needs_factor and u is None
     if unusable:
@@ -230,19 +234,23 @@ def _round_with_statistics(weight: ScaledWeight, rows_method: RowsMethod, needs_
             "start_objective_ratio": ratio(totals["first"], totals["rtn"]),
             "weight_error_ratio": math.sqrt(ratio(stats.error_sq, totals["rtn_weight_sq"])),
             "fallback_rows": fallback_rows,
-            "calib_tokens": weight.statistics.count,
+            "calib_tokens": statistics.count,
         },
     )
 
 
-def calibrated_rounding(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
-    """Error feedback + coordinate descent on the calibration objective (needs `weight.statistics`)."""
-    return _round_with_statistics(weight, _calibrated_rows, needs_factor=True)
+def calibrated_rounding(
+    weight: ScaledWeight, settings: RoundingSettings, statistics: InputStatistics | None
+) -> RoundingOutcome:
+    """Error feedback + coordinate descent on the calibration objective (needs the layer input's `statistics`)."""
+    return _round_with_statistics(weight, statistics, _calibrated_rows, needs_factor=True)
 
 
-def updown_rounding(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
-    """AdaRound-style: each value one of its two float16 neighbours (needs `weight.statistics`)."""
-    return _round_with_statistics(weight, _updown_rows, needs_factor=False)
+def updown_rounding(
+    weight: ScaledWeight, settings: RoundingSettings, statistics: InputStatistics | None
+) -> RoundingOutcome:
+    """AdaRound-style: each value one of its two float16 neighbours (needs the layer input's `statistics`)."""
+    return _round_with_statistics(weight, statistics, _updown_rows, needs_factor=False)
 
 
 def bias_shift(weight: ScaledWeight, q: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -12,21 +12,15 @@ from typing import Sequence
 from tqdm import tqdm
 
 from . import __version__
-from .convert import (
-    CALIBRATED_METHOD,
-    DEFAULT_METHOD,
-    METHODS,
-    NEEDS_STATISTICS,
-    ConvertOptions,
-    convert_file,
-    default_output_path,
-)
+from .calibration import load_statistics
+from .convert import ConvertOptions, convert_file, default_output_path
 from .errors import QuantError
+from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
 from .report import LayerReport, report_path_for
 
 
 class _ChosenMethod(argparse.Action):
-    """Stores --method and remembers it was given, so that --calib changes only the default."""
+    """Stores --method and remembers it was given: otherwise the method is `auto` (it depends on --calib)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         setattr(namespace, self.dest, values)
@@ -47,21 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_distillation", action="store_true", help="Keep Flux distillation layers in original precision.")
     parser.add_argument("--t5xxl", action="store_true", help="T5XXL mode: drop the decoder, keep norms/biases/embeddings.")
     parser.add_argument(
-        "--calib_samples",
-        type=int,
-        default=3072,
-        help="Calibration samples: the token cap where statistics are recorded (StatisticsRecorder max_tokens, "
-        "bench/bench_minilm.py); recorded here. The converter draws none: a --calib file brings its own tokens.",
-    )
-    parser.add_argument(
         "--calib", metavar="FILE",
         help="Input statistics (quant_core.calibration): calibrated rounding by default, and bias correction.",
     )
-    parser.add_argument("--num_iter", type=int, default=256, help="Maximum search iterations per tensor (learned).")
-    parser.add_argument("--top_k", type=int, default=1, help="Principal directions whose error the search cancels (learned).")
+    for setting in SETTINGS:
+        if setting.offered:
+            used_by = methods_reading(setting)
+            help_text = f"{setting.help} ({', '.join(used_by)})" if used_by else setting.help
+            parser.add_argument(f"--{setting.name}", type=int, default=setting.default, help=help_text)
     parser.add_argument(
-        "--method", choices=sorted(METHODS), default=DEFAULT_METHOD, action=_ChosenMethod,
-        help=f"Rounding method; with --calib the default is {CALIBRATED_METHOD}.",
+        "--method", choices=sorted(METHODS), default=DEFAULT, action=_ChosenMethod,
+        help="Rounding method: " + "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
+        + f". With --calib the default is {WITH_STATISTICS}.",
     )
     parser.set_defaults(method_given=False)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N].")
@@ -109,13 +100,15 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, minimum in (("num_iter", 0), ("top_k", 1), ("calib_samples", 0)):
-        if getattr(args, flag) < minimum:
-            parser.error(f"--{flag} must be >= {minimum}")
-    if args.calib and not args.method_given:
-        args.method = CALIBRATED_METHOD
-    if args.method in NEEDS_STATISTICS and not args.calib:
-        parser.error(f"--method {args.method} needs --calib FILE (input statistics)")
+    for setting in SETTINGS:
+        if setting.offered and getattr(args, setting.name) < setting.minimum:
+            parser.error(f"--{setting.name} must be >= {setting.minimum}")
+    if not args.method_given:
+        args.method = AUTO
+    try:
+        args.method = resolve(args.method, has_statistics=args.calib is not None).name
+    except QuantError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,20 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up the partial output like Ctrl-C does
     options = ConvertOptions(
         method=args.method,
-        num_iter=args.num_iter,
-        top_k=args.top_k,
-        calib_samples=args.calib_samples,
+        rounding={setting.name: getattr(args, setting.name) for setting in SETTINGS if setting.offered},
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         exclude=tuple(args.exclude),
-        calib=args.calib,
         device=args.device,
         overwrite=args.overwrite,
     )
     output = args.output or default_output_path(args.input, args.keep_distillation)
     listener = TqdmListener(enabled=not args.quiet)
     try:
-        report = convert_file(args.input, output, options, listener)
+        statistics = load_statistics(args.calib) if args.calib else None
+        report = convert_file(args.input, output, options, statistics=statistics, listener=listener)
     except QuantError as exc:
         listener.close()
         print(f"error: {exc}", file=sys.stderr)

@@ -5,70 +5,53 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Protocol
+from typing import Protocol
 
 import torch
 
 from . import __version__
-from .calibrated import bias_shift, calibrated_rounding, updown_rounding
 from .calibration import CalibrationStatistics, statistics_for_weights
 from .errors import QuantError
-from .format import (
-    MARKER_KEY,
-    SCALE_DTYPE,
-    already_scaled_reason,
-    build_metadata,
-    layer_name,
-    marker_shape,
-    scale_input_key,
-    scale_weight_key,
-)
-from .fp16 import choose_scale_exponent, exact_fp16_cast
-from .learned import learned_rounding
-from .plan import Action, Selection, TensorPlan, plan_tensors, select_prefix
-from .report import ConversionReport, LayerReport, peak_rss_bytes, report_path_for
-from .rounding import CHUNK_ELEMENTS, RoundingMethod, RoundingSettings, ScaledWeight, abs_max, round_nearest
-from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, StreamingWriter, tensor_nbytes
+from .format import already_scaled_reason, build_metadata
+from .fp16 import choose_scale_exponent
+from .methods import DEFAULT, Method, resolve, rounding_settings
+from .peak_memory import peak_rss_bytes
+from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
+from .produce import Job, Produced
+from .report import ConversionReport, LayerReport, report_path_for
+from .rounding import abs_max
+from .safetensors_io import SafetensorsFile, StreamingWriter
 
 log = logging.getLogger(__name__)
 
 TOOL_NAME = f"learned-rounding-fp16 {__version__}"
-METHODS: dict[str, RoundingMethod] = {
-    "learned": learned_rounding,
-    "rtn": round_nearest,
-    "calibrated": calibrated_rounding,
-    "updown": updown_rounding,
-}
-DEFAULT_METHOD = "learned"
-CALIBRATED_METHOD = "calibrated"  # the default when statistics are given
-NEEDS_STATISTICS = frozenset({"calibrated", "updown"})  # weights without statistics use DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    method: str = DEFAULT_METHOD
-    num_iter: int = 256
-    top_k: int = 1
-    calib_samples: int = 3072
+    method: str = DEFAULT  # a name in quant_core.methods.METHODS, or "auto"
+    rounding: Mapping[str, int] = field(default_factory=dict)  # setting -> value (quant_core.methods); defaults else
     t5xxl: bool = False
     keep_distillation: bool = False
     exclude: tuple[str, ...] = ()
     prefix: str = ""  # convert only tensors under this name prefix, and strip it (a checkpoint's component)
-    calib: str | None = None  # statistics file (quant_core.calibration) for calibrated rounding and bias correction
     device: str = "auto"
     overwrite: bool = False
-    seed: int = 0
 
-    def settings(self) -> dict[str, object]:
-        """What determines the output's values (recorded in the file's metadata)."""
-        recorded = asdict(self)
-        for not_recorded in ("device", "overwrite"):
-            recorded.pop(not_recorded)
-        recorded["exclude"] = list(self.exclude)
-        recorded["calib"] = Path(self.calib).name if self.calib else None
-        return recorded
+    def settings(self, method: Method, statistics: CalibrationStatistics | None) -> dict[str, object]:
+        """What determines the output's values (recorded in the file's metadata); `method` as resolved."""
+        return {
+            "method": method.name,
+            **rounding_settings(**self.rounding),
+            "t5xxl": self.t5xxl,
+            "keep_distillation": self.keep_distillation,
+            "exclude": list(self.exclude),
+            "prefix": self.prefix,
+            "calib": Path(statistics.source).name if statistics is not None and statistics.source else None,
+        }
 
 
 class ProgressListener(Protocol):
@@ -107,83 +90,13 @@ def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
         raise QuantError(f"{output_path}: output is a directory; give a file name")
 
 
-def _casts_exactly(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
-    return all(exact_fp16_cast(flat[i : i + CHUNK_ELEMENTS]) for i in range(0, flat.numel(), CHUNK_ELEMENTS))
-
-
-@dataclass
-class _Layout:
-    """The output file's declared tensors and what each source tensor becomes."""
-
-    tensors: list[OutputTensor] = field(default_factory=list)
-    cast: set[str] = field(default_factory=set)
-    corrected_biases: dict[str, str] = field(default_factory=dict)  # bias -> its weight; keeps source dtype
-
-    def declare(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        self.tensors.append(OutputTensor(name, dtype, shape, tensor_nbytes(dtype, shape)))
-
-
-def _plan_layout(src: SafetensorsFile, plans: list[TensorPlan], t5xxl: bool, calibrated: Collection[str] = ()) -> _Layout:
-    """`calibrated`: quantized weights with input statistics, whose biases get corrected."""
-    layout = _Layout(corrected_biases=_biases_to_correct(src, plans, calibrated))
-    scale = DTYPE_NAMES[SCALE_DTYPE]
-    for plan in plans:
-        entry = plan.entry
-        if entry.name in layout.corrected_biases:
-            layout.declare(entry.name, entry.dtype, entry.shape)
-        elif plan.action is Action.QUANTIZE:
-            layout.declare(entry.name, "F16", entry.shape)
-            layout.declare(scale_weight_key(entry.name), scale, (1,))
-            if t5xxl:
-                layout.declare(scale_input_key(entry.name), scale, (1,))
-        elif plan.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(entry.name)):
-            layout.cast.add(entry.name)
-            layout.declare(entry.name, "F16", entry.shape)
-        elif plan.action is not Action.DROP:
-            layout.tensors.append(OutputTensor(entry.name, entry.dtype, entry.shape, entry.nbytes))
-            if plan.unit_scale:
-                layout.declare(scale_weight_key(entry.name), scale, (1,))
-    layout.declare(MARKER_KEY, "F16", marker_shape(t5xxl))
-    names = [t.name for t in layout.tensors]
-    clash = next((n for n in names if names.count(n) > 1), None)
-    if clash is not None:
-        raise QuantError(f"{src.path}: the output would hold two tensors named '{clash}'; rename or --exclude it")
-    return layout
-
-
-def _biases_to_correct(src: SafetensorsFile, plans: list[TensorPlan], calibrated: Collection[str]) -> dict[str, str]:
-    """Float biases (kept or cast, not dropped or excluded) of the weights in `calibrated`, with matching length."""
-    planned = {plan.name: plan for plan in plans}
-    biases = {}
-    for weight in calibrated:
-        plan = planned.get(layer_name(weight) + ".bias")
-        if (
-            plan is not None
-            and plan.action is not Action.DROP
-            and not plan.excluded
-            and plan.entry.torch_dtype is not None
-            and plan.entry.torch_dtype.is_floating_point
-            and plan.entry.shape == (src.entries[weight].shape[0],)
-        ):
-            biases[plan.name] = weight
-    return biases
-
-
-def _corrected_bias(src: SafetensorsFile, name: str, weight: ScaledWeight, q: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """b + (W - W_q) E[x], in the bias's own dtype: zero mean output error on the calibration inputs."""
-    bias = src.tensor(name)
-    return (bias.to(torch.float64) + bias_shift(weight, q, mean)).to(bias.dtype)
-
-
-def _load_statistics(path: str, src: SafetensorsFile, plans: list[TensorPlan]) -> tuple[CalibrationStatistics, dict[str, str]]:
-    """The statistics file and weight -> recorded layer for the weights to quantize (QuantError if it does not fit)."""
-    stats = CalibrationStatistics.load(path)
-    weights = {plan.name: plan.entry.shape for plan in plans if plan.action is Action.QUANTIZE}
+def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choices: list[Choice]) -> dict[str, str]:
+    """Weight -> recorded layer for the weights to quantize (QuantError if the statistics do not fit the file)."""
+    weights = {choice.name: choice.entry.shape for choice in choices if choice.action is Action.QUANTIZE}
     matched = statistics_for_weights(stats, weights, str(src.path))
     if len(matched) < len(weights):
         log.info("%d of %d weights have no statistics (embeddings, convolutions ...)", len(weights) - len(matched), len(weights))
-    return stats, matched
+    return matched
 
 
 def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
@@ -194,7 +107,7 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
     """
     exponents = {}
     for plan in plans:
-        if plan.action is not Action.QUANTIZE:
+        if plan.fate is not Fate.QUANTIZED:
             continue
         try:
             exponents[plan.name] = choose_scale_exponent(abs_max(src.tensor(plan.name), check_cancelled))
@@ -206,120 +119,81 @@ def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancel
     return exponents
 
 
-def _quantize(
-    src: SafetensorsFile, name: str, weight: ScaledWeight, method_name: str, settings: RoundingSettings
-) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
-    started = time.perf_counter()
-    if weight.statistics is None and method_name in NEEDS_STATISTICS:
-        method_name = DEFAULT_METHOD  # no recorded inputs for this weight: the data-free method
-    outcome = METHODS[method_name](weight, settings)
-    scale = torch.tensor([2.0**weight.exponent], dtype=SCALE_DTYPE)
-    stats = outcome.stats
-    layer = LayerReport(
-        name=name,
-        shape=list(weight.shape),
-        source_dtype=src.entries[name].dtype,
-        method=method_name,
-        scale=float(scale),
-        relative_error=stats.relative_error,
-        max_abs_error=stats.max_abs_error * float(scale),
-        exact_fraction=stats.exact_fraction,
-        iterations=outcome.iterations,
-        seconds=time.perf_counter() - started,
-        error_sq=stats.error_sq * float(scale) ** 2,
-        reference_sq=stats.reference_sq * float(scale) ** 2,
-        details=outcome.details,
-    )
-    return outcome.q, scale, layer
-
-
-def _kept_reason(plan: TensorPlan) -> str:
-    if plan.action is not Action.CAST_IF_EXACT:
-        return plan.reason
-    if plan.entry.dtype == "F16":
-        return f"{plan.reason}; already float16"
-    return f"{plan.reason}; float16 would not be exact, source precision kept"
-
-
 def _no_check() -> None:
     return None
+
+
+def _write(writer: StreamingWriter, produced: Produced | None) -> LayerReport | None:
+    """Write what a producer made (then let it go: one tensor's data in memory at a time)."""
+    if produced is None:
+        return None
+    for name, data in produced.tensors.items():
+        writer.write(name, data)
+    return produced.layer
 
 
 def convert_file(
     input_path: str | Path,
     output_path: str | Path | None = None,
     options: ConvertOptions = ConvertOptions(),
+    *,
+    statistics: CalibrationStatistics | None = None,
     listener: ProgressListener | None = None,
     check_cancelled: Callable[[], None] = _no_check,
+    report_json: bool = True,
 ) -> ConversionReport:
-    """Convert `input_path` to a scaled_fp16 file; returns the report (also written as JSON).
+    """Convert `input_path` to a scaled_fp16 file; returns the report.
 
-    `check_cancelled` is called between chunks of work and may raise to stop; the output is then
-    never created. Raises QuantError for problems with the input, settings or output location.
+    `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
+    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
+    between chunks of work and may raise to stop; the output is then never created. The report is
+    also written as JSON beside the output unless `report_json` is False (ComfyUI's save node writes
+    it beside the saved file instead). Raises QuantError for problems with the input, settings or
+    output location.
     """
     started = time.perf_counter()
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path, options.keep_distillation)
-    if options.method not in METHODS:
-        raise QuantError(f"unknown method '{options.method}'; choose one of {', '.join(METHODS)}")
-    if options.method in NEEDS_STATISTICS and not options.calib:
-        raise QuantError(f"method '{options.method}' needs input statistics: pass --calib FILE (see quant_core.calibration)")
+    method = resolve(options.method, statistics is not None)
+    settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
     device = resolve_device(options.device)
-    settings = RoundingSettings(num_iter=options.num_iter, top_k=options.top_k, seed=options.seed)
-    report = ConversionReport(str(input_path), str(output_path), options.settings())
+    report = ConversionReport(str(input_path), str(output_path), options.settings(method, statistics))
 
     with SafetensorsFile(input_path) as src:
         reason = already_scaled_reason(src.entries)
         if reason:
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
-        selection = Selection(options.t5xxl, options.keep_distillation, options.exclude)
-        plans = plan_tensors(src.entries.values(), selection)
-        calib, calibrated = _load_statistics(options.calib, src, plans) if options.calib else (None, {})
-        if calib is not None:
-            report.settings.update(calib_model=calib.model, calib_tokens=calib.tokens, calib_layers=len(calibrated))
-        layout = _plan_layout(src, plans, options.t5xxl, calibrated)
-        exponents = _scale_exponents(src, plans, check_cancelled)
-        metadata = build_metadata(src.metadata, TOOL_NAME, {**report.settings, "source": input_path.name})
+        choices = choose(src.entries.values(), Selection(options.t5xxl, options.keep_distillation, options.exclude))
+        calibrated = _match_statistics(statistics, src, choices) if statistics is not None else {}
+        if statistics is not None:
+            report.settings.update(
+                calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
+            )
+        layout = plan_layout(src, choices, options.t5xxl, calibrated)
+        exponents = _scale_exponents(src, layout.plans, check_cancelled)
+        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
+        settings_recorded = {**report.settings, "source": input_path.name}
+        metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights)
+        total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
-            for index, plan in enumerate(plans):
+            for index, plan in enumerate(layout.plans):
                 check_cancelled()
                 if listener is not None:
-                    listener.tensor_started(plan.name, index, len(plans))
-                layer = None
-                if plan.name in layout.corrected_biases:
-                    report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
-                elif plan.action is Action.QUANTIZE:
-                    stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
-                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled, stats)
-                    q, scale, layer = _quantize(src, plan.name, weight, options.method, settings)
-                    writer.write(plan.name, q)
-                    bias = layer_name(plan.name) + ".bias"
-                    if bias in layout.corrected_biases:  # written here, whichever comes first in the file
-                        writer.write(bias, _corrected_bias(src, bias, weight, q, stats.mean))
-                    writer.write(scale_weight_key(plan.name), scale)
-                    if options.t5xxl:
-                        writer.write(scale_input_key(plan.name), scale)
-                    report.layers.append(layer)
-                    del q
-                elif plan.action is Action.DROP:
-                    report.dropped.append(plan.name)
-                elif plan.name in layout.cast:
-                    writer.write(plan.name, src.tensor(plan.name).to(torch.float16))
-                    report.cast_to_fp16.append(plan.name)
-                else:
-                    writer.write(plan.name, src.raw_bytes(plan.name))
-                    if plan.unit_scale:
-                        writer.write(scale_weight_key(plan.name), torch.ones(1, dtype=SCALE_DTYPE))
-                    report.kept[plan.name] = _kept_reason(plan)
+                    listener.tensor_started(plan.name, index, total)
+                # not kept in a variable: the previous tensor's data is freed before the next one is made
+                layer = _write(writer, plan.producer.produce(job, plan.entry) if plan.producer is not None else None)
+                report.record(plan.name, plan.fate, plan.reason, layer)
                 if listener is not None:
-                    listener.tensor_finished(plan.name, index, len(plans), layer)
-            writer.write(MARKER_KEY, torch.zeros(marker_shape(options.t5xxl), dtype=torch.float16))
+                    listener.tensor_finished(plan.name, index, total, layer)
+            for producer in layout.file_producers:
+                _write(writer, producer.produce(job, None))
             writer.commit()
 
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
-    report.write_json(report_path_for(output_path))
+    if report_json:
+        report.write_json(report_path_for(output_path))
     log.info("converted %s -> %s in %.1f s", input_path, output_path, report.seconds)
     return report

@@ -1,4 +1,4 @@
-"""The scaled_fp16 file format, shared by the converter and the loaders.
+"""The scaled_fp16 file format's names, constants and metadata, shared by the converter and the reader.
 
 - `<layer>.weight`: float16, the weight divided by its scale;
 - `<layer>.scale_weight`: float32 [1]; real weight = weight.float() * scale_weight;
@@ -13,18 +13,18 @@ weights such as LayerNorm scales, and non-power-of-two scales.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
-
-from .errors import QuantError
 
 FORMAT_NAME = "scaled_fp16"
 FORMAT_VERSION = "1"
 MARKER_KEY = "scaled_fp16"
+SCALE_WEIGHT = "scale_weight"  # a layer's parameter name, as ComfyUI's loaders see it
+SCALE_INPUT = "scale_input"
 WEIGHT_SUFFIX = ".weight"
-SCALE_WEIGHT_SUFFIX = ".scale_weight"
-SCALE_INPUT_SUFFIX = ".scale_input"
+SCALE_WEIGHT_SUFFIX = "." + SCALE_WEIGHT
+SCALE_INPUT_SUFFIX = "." + SCALE_INPUT
 SCALE_DTYPE = torch.float32
 STORAGE_DTYPE = torch.float16
 # A weight kept in its source precision may carry scale_weight 1 (--keep_distillation).
@@ -35,6 +35,7 @@ META_FORMAT = "quant.format"
 META_FORMAT_VERSION = "quant.format_version"
 META_TOOL = "quant.tool"
 META_SETTINGS = "quant.settings"
+META_SCALED_WEIGHTS = "quant.scaled_weights"  # JSON list of the weights written with a scale_weight
 
 
 def marker_shape(t5xxl: bool) -> tuple[int, ...]:
@@ -45,7 +46,7 @@ MARKER_SHAPES = (marker_shape(False), marker_shape(True))
 
 
 def layer_name(weight_key: str) -> str:
-    return weight_key[: -len(WEIGHT_SUFFIX)] if weight_key.endswith(WEIGHT_SUFFIX) else weight_key
+    return weight_key.removesuffix(WEIGHT_SUFFIX)
 
 
 def scale_weight_key(weight_key: str) -> str:
@@ -57,7 +58,7 @@ def scale_input_key(weight_key: str) -> str:
 
 
 def is_scale_key(key: str) -> bool:
-    return key.endswith(SCALE_WEIGHT_SUFFIX) or key.endswith(SCALE_INPUT_SUFFIX)
+    return key.endswith((SCALE_WEIGHT_SUFFIX, SCALE_INPUT_SUFFIX))
 
 
 def already_scaled_reason(keys: Iterable[str]) -> str | None:
@@ -72,118 +73,29 @@ def already_scaled_reason(keys: Iterable[str]) -> str | None:
     return None
 
 
-def build_metadata(source_metadata: Mapping[str, str], tool: str, settings: Mapping[str, object]) -> dict[str, str]:
-    """Source metadata kept as is (other tools read it), plus what this conversion was."""
+def build_metadata(
+    source_metadata: Mapping[str, str], tool: str, settings: Mapping[str, object], scaled_weights: Iterable[str]
+) -> dict[str, str]:
+    """Source metadata kept as is (other tools read it), plus what this conversion was and which weights it scaled."""
     meta = {k: v for k, v in source_metadata.items() if not k.startswith("quant.")}
     meta[META_FORMAT] = FORMAT_NAME
     meta[META_FORMAT_VERSION] = FORMAT_VERSION
     meta[META_TOOL] = tool
     meta[META_SETTINGS] = json.dumps(dict(settings), sort_keys=True)
+    meta[META_SCALED_WEIGHTS] = json.dumps(list(scaled_weights))
     return meta
 
 
-def dequantize_state_dict(
-    tensors: Mapping[str, torch.Tensor],
-    dtype: torch.dtype = torch.float32,
-    source: str = "state dict",
-    metadata: Mapping[str, str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Turn a scaled_fp16 state dict back into plain weights (marker and scale tensors removed).
+def recorded_scaled_weights(metadata: Mapping[str, str] | None) -> list[str]:
+    """The weights a file of this package records as written with a scale_weight; empty for other files.
 
-    Accepts both this package's files and the original script's; raises QuantError (see
-    `validate_scaled_state_dict`) on anything that would silently produce a broken model.
+    Files of this package written before the record existed, and other tools' files, carry none:
+    for them a missing scale cannot be told from a weight that was never scaled.
     """
-    scales = validate_scaled_state_dict(source, tensors, metadata)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        if key == MARKER_KEY or is_scale_key(key):
-            continue
-        scale_key = scale_weight_key(key) if key.endswith(WEIGHT_SUFFIX) else None
-        if scale_key is not None and scale_key in scales:
-            out[key] = (value.to(torch.float32) * scales[scale_key]).to(dtype)
-        else:
-            out[key] = value.to(dtype) if value.is_floating_point() else value
-    return out
-
-
-def validated_scale(key: str, scale: torch.Tensor) -> torch.Tensor:
-    """A scale_weight as a float32 scalar tensor, or QuantError if it cannot be a real scale."""
-    if scale.numel() != 1 or not scale.is_floating_point():
-        raise QuantError(f"'{key}' must be one float, found shape {list(scale.shape)} dtype {scale.dtype}")
-    value = scale.reshape(()).to(torch.float32)
-    if not torch.isfinite(value) or value <= 0:
-        raise QuantError(f"'{key}' is {value.item()}; a scale must be finite and positive")
-    return value
-
-
-def validate_scaled_state_dict(
-    source: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> dict[str, float]:
-    """Check a scaled_fp16 state dict before anything is built from it; returns {scale key: scale}.
-
-    A broken scale or weight would not fail later: the model would load and produce garbage. So
-    every `scale_weight` must be one finite positive float beside a floating-point weight (float16
-    unless the scale is 1, as for kept distillation layers), the marker must have a known shape,
-    and, when the file records this package's settings, every weight those settings quantize must
-    have its scale. Raises QuantError naming `source` and the tensor.
-    """
-    marker = tensors.get(MARKER_KEY)
-    if marker is None:
-        raise QuantError(f"{source}: not a scaled_fp16 file (no '{MARKER_KEY}' marker tensor)")
-    if tuple(marker.shape) not in MARKER_SHAPES:
-        raise QuantError(
-            f"{source}: marker '{MARKER_KEY}' has shape {list(marker.shape)}, expected one of "
-            f"{[list(s) for s in MARKER_SHAPES]}; the file is damaged or not scaled_fp16"
-        )
-    scales: dict[str, float] = {}
-    for key, scale in tensors.items():
-        if not key.endswith(SCALE_WEIGHT_SUFFIX):
-            continue
-        weight_key = key[: -len(SCALE_WEIGHT_SUFFIX)] + WEIGHT_SUFFIX
-        weight = tensors.get(weight_key)
-        if weight is None:
-            raise QuantError(f"{source}: '{key}' has no weight '{weight_key}' to scale; the file is damaged")
-        try:
-            value = float(validated_scale(key, scale))
-        except QuantError as exc:
-            raise QuantError(f"{source}: {exc}") from None
-        if weight.dtype not in UNIT_SCALE_DTYPES or (value != 1.0 and weight.dtype != STORAGE_DTYPE):
-            raise QuantError(
-                f"{source}: '{weight_key}' is {weight.dtype} but has a scale_weight of {value:g}; "
-                "scaled weights must be float16 (the file is damaged or another format)"
-            )
-        scales[key] = value
-    for weight_key in _weights_quantized_by_recorded_settings(tensors, metadata):
-        if scale_weight_key(weight_key) not in tensors:
-            raise QuantError(
-                f"{source}: '{weight_key}' has no '{scale_weight_key(weight_key)}' although the settings recorded "
-                "in the file quantize it; the file is damaged, convert it again"
-            )
-    return scales
-
-
-def _weights_quantized_by_recorded_settings(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> list[str]:
-    """Weights that carry a scale_weight in a file this package wrote (empty for other files)."""
-    if not metadata or metadata.get(META_FORMAT) != FORMAT_NAME or META_SETTINGS not in metadata:
+    if not metadata or metadata.get(META_FORMAT) != FORMAT_NAME or META_SCALED_WEIGHTS not in metadata:
         return []
     try:
-        settings = json.loads(metadata[META_SETTINGS])
-        exclude = tuple(settings.get("exclude", ()))
-        t5xxl, keep_distillation = bool(settings.get("t5xxl")), bool(settings.get("keep_distillation"))
-    except (ValueError, TypeError, AttributeError):
-        return []  # unreadable settings: nothing to compare against
-    from .plan import Action, Selection, plan_tensors  # plan builds on this module
-    from .safetensors_io import DTYPE_NAMES, TensorEntry
-
-    entries = [
-        TensorEntry(name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0, 0)
-        for name, t in tensors.items()
-        if name != MARKER_KEY and not is_scale_key(name)
-    ]
-    try:
-        plans = plan_tensors(entries, Selection(t5xxl, keep_distillation, exclude))
-    except QuantError:
-        return []  # a recorded pattern this version cannot compile
-    return [p.name for p in plans if p.action is Action.QUANTIZE or p.unit_scale]
+        weights = json.loads(metadata[META_SCALED_WEIGHTS])
+    except ValueError:
+        return []  # unreadable record: nothing to compare against
+    return [w for w in weights if isinstance(w, str)] if isinstance(weights, list) else []

@@ -15,8 +15,6 @@ FP16_MAX = 65504.0
 MIN_SCALE_EXPONENT = -126
 MAX_SCALE_EXPONENT = 127
 
-FLOAT_SOURCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
 
 def work_dtype_for(source_dtype: torch.dtype) -> torch.dtype:
     """The dtype in which a source tensor is scaled and compared exactly."""

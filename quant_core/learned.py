@@ -15,11 +15,15 @@ round-to-nearest on its objective.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from .fp16 import other_neighbour, round_to_fp16
-from .rounding import ErrorStats, RoundingOutcome, RoundingSettings, ScaledWeight
+from .fp16 import other_neighbour
+from .rounding import RoundingOutcome, RoundingSettings, ScaledWeight, nearest_pass
+
+if TYPE_CHECKING:
+    from .calibration import InputStatistics
 
 OVERSAMPLING = 8
 POWER_ITERATIONS = 2  # each costs two streamed passes; fewer leave the directions poor
@@ -110,27 +114,27 @@ def _search(effect: torch.Tensor, plain_cost: torch.Tensor, p: torch.Tensor, lam
     return toggled, p, iterations
 
 
-def learned_rounding(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
-    """Streamed passes (round + sketch, then two per power iteration), then a small exact search."""
+def learned_rounding(
+    weight: ScaledWeight, settings: RoundingSettings, statistics: InputStatistics | None = None
+) -> RoundingOutcome:
+    """Streamed passes (round + sketch, then two per power iteration), then a small exact search; data-free."""
     m, n = weight.shape
-    k = min(settings.top_k, m, n)
+    k = min(settings["top_k"], m, n)
     width = min(k + OVERSAMPLING, m, n)
-    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(settings.seed)).to(weight.device)
-    q = torch.empty(weight.shape, dtype=torch.float16)
-    stats = ErrorStats()
+    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(settings["seed"])).to(weight.device)
     sketch = torch.empty(m, width, device=weight.device)
-    for rows, x in weight.chunks():
-        qc = round_to_fp16(x)
-        stats.add(x, qc)
-        q[rows] = qc.cpu()
+
+    def sketch_rows(rows: slice, x: torch.Tensor) -> None:
         sketch[rows] = x.float() @ omega
-    if stats.exact == stats.numel or settings.num_iter <= 0 or k <= 0:
+
+    q, stats = nearest_pass(weight, sketch_rows)
+    if stats.exact == stats.numel or settings["num_iter"] <= 0 or k <= 0:
         return RoundingOutcome(q, stats)  # nothing to gain: round-to-nearest is already exact (or search off)
 
     u, v, p_rtn = _principal_error(weight, q, sketch, k)
     lam = m * n / (k * k)
     flat_index, other, effect, plain_cost, residual_after = _candidates(weight, q, u, v, p_rtn, lam)
-    toggled, p, iterations = _search(effect, plain_cost, p_rtn.cpu().reshape(-1), lam, settings.num_iter)
+    toggled, p, iterations = _search(effect, plain_cost, p_rtn.cpu().reshape(-1), lam, settings["num_iter"])
 
     objective_rtn = stats.error_sq + lam * float((p_rtn**2).sum())
     q.view(-1)[flat_index[toggled]] = other[toggled]

@@ -1,8 +1,12 @@
-"""Which tensors are quantized, kept, cast or dropped: decided from names, dtypes and shapes alone.
+"""The output file's layout: per source tensor, its output tensors and the producer that writes them.
 
-The rules follow the original script: every 2-D `.weight` is quantized; `--t5xxl` drops the decoder
-and keeps norms, biases and embeddings; `--keep_distillation` keeps Flux's distillation layers in
-their original precision with `scale_weight` 1; `--exclude` keeps user-chosen tensors.
+Decided before any work, in two steps. The rules (`choose`) pick an action per tensor from names,
+dtypes and shapes alone, following the original script: every 2-D `.weight` is quantized; `--t5xxl`
+drops the decoder and keeps norms, biases and embeddings; `--keep_distillation` keeps Flux's
+distillation layers in their original precision with `scale_weight` 1; `--exclude` keeps user-chosen
+tensors. The layout (`plan_layout`) then gives each tensor its fate and producer
+(`quant_core.produce`), looking at values only to tell whether a float16 cast would be exact, and at
+which weights have statistics (their biases are corrected). The converter writes what it says.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ import dataclasses
 import enum
 import logging
 import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .errors import QuantError
-from .format import WEIGHT_SUFFIX
-from .safetensors_io import TensorEntry
+from .format import WEIGHT_SUFFIX, layer_name, scale_weight_key
+from .fp16 import exact_fp16_cast
+from .produce import CastToFloat16, Copy, CopyWithUnitScale, Marker, Producer, ScaledFloat16
+from .rounding import CHUNK_ELEMENTS
+from .safetensors_io import OutputTensor, SafetensorsFile, TensorEntry
 
 T5XXL_DROP_NAMES = ("decoder", "lm_head")
 T5XXL_KEEP_NAMES = ("norm", "bias", "embed_tokens", "shared")
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class Action(enum.Enum):
+    """What the rules ask for one tensor."""
+
     QUANTIZE = "quantize"  # scaled float16 + scale_weight
     KEEP = "keep"  # bytes copied unchanged
     CAST_IF_EXACT = "cast_if_exact"  # float16 when lossless and finite, else kept
@@ -36,7 +45,9 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class Choice:
+    """The rules' action for one tensor, decided from its name, dtype and shape."""
+
     entry: TensorEntry
     action: Action
     reason: str
@@ -46,6 +57,52 @@ class TensorPlan:
     @property
     def name(self) -> str:
         return self.entry.name
+
+
+class Fate(str, enum.Enum):
+    """What became of a source tensor (the report lists tensors by it)."""
+
+    QUANTIZED = "quantized"
+    CAST = "cast"  # to float16, exactly
+    KEPT = "kept"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One source tensor: its fate, why, and the output tensors its producer writes (none when dropped)."""
+
+    entry: TensorEntry
+    fate: Fate
+    reason: str
+    producer: Producer | None = None  # None: nothing to write here (dropped, or written by its weight's producer)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        return self.producer.outputs(self.entry) if self.producer is not None else ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The whole output file: the source tensors' plans, in file order, then the file's own tensors (the marker)."""
+
+    plans: list[TensorPlan]
+    file_producers: tuple[Producer, ...]
+
+    @property
+    def tensors(self) -> list[OutputTensor]:
+        return [t for plan in self.plans for t in plan.outputs] + [
+            t for producer in self.file_producers for t in producer.outputs(None)
+        ]
+
+    @property
+    def scaled_weights(self) -> list[str]:
+        """The weights written with a `scale_weight` (recorded in the file, so readers can check each has it)."""
+        return [plan.name for plan in self.plans if scale_weight_key(plan.name) in {t.name for t in plan.outputs}]
 
 
 @dataclass(frozen=True)
@@ -74,33 +131,95 @@ def is_quantizable_weight(entry: TensorEntry) -> bool:
     )
 
 
-def plan_tensor(entry: TensorEntry, selection: Selection, patterns: Sequence[re.Pattern[str]]) -> TensorPlan:
+def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.Pattern[str]]) -> Choice:
     name = entry.name
     if selection.t5xxl and any(s in name for s in T5XXL_DROP_NAMES):
-        return TensorPlan(entry, Action.DROP, "T5XXL decoder/lm_head tensor (--t5xxl)")
+        return Choice(entry, Action.DROP, "T5XXL decoder/lm_head tensor (--t5xxl)")
     dtype = entry.torch_dtype
     if dtype is None or not dtype.is_floating_point:
-        return TensorPlan(entry, Action.KEEP, f"{entry.dtype} tensor copied unchanged")
+        return Choice(entry, Action.KEEP, f"{entry.dtype} tensor copied unchanged")
     if dtype not in QUANTIZABLE_DTYPES:
         reason = f"{entry.dtype} is not a supported source precision; copied unchanged"
         log.warning("tensor '%s': %s", name, reason)
-        return TensorPlan(entry, Action.KEEP, reason)
+        return Choice(entry, Action.KEEP, reason)
     if selection.keep_distillation and any(s in name for s in DISTILLATION_NAMES):
-        return TensorPlan(
+        return Choice(
             entry, Action.KEEP, "distillation layer (--keep_distillation)", unit_scale=is_quantizable_weight(entry)
         )
     if any(p.search(name) for p in patterns):
-        return TensorPlan(entry, Action.CAST_IF_EXACT, "excluded by --exclude", excluded=True)
+        return Choice(entry, Action.CAST_IF_EXACT, "excluded by --exclude", excluded=True)
     if selection.t5xxl and any(s in name for s in T5XXL_KEEP_NAMES):
-        return TensorPlan(entry, Action.CAST_IF_EXACT, "T5XXL norm/bias/embedding kept (--t5xxl)")
+        return Choice(entry, Action.CAST_IF_EXACT, "T5XXL norm/bias/embedding kept (--t5xxl)")
     if is_quantizable_weight(entry):
-        return TensorPlan(entry, Action.QUANTIZE, "2-D weight")
-    return TensorPlan(entry, Action.CAST_IF_EXACT, "not a 2-D weight")
+        return Choice(entry, Action.QUANTIZE, "2-D weight")
+    return Choice(entry, Action.CAST_IF_EXACT, "not a 2-D weight")
 
 
-def plan_tensors(entries: Iterable[TensorEntry], selection: Selection) -> list[TensorPlan]:
+def choose(entries: Iterable[TensorEntry], selection: Selection) -> list[Choice]:
     patterns = compile_patterns(selection.exclude)
-    return [plan_tensor(e, selection, patterns) for e in entries]
+    return [choose_for(e, selection, patterns) for e in entries]
+
+
+BIAS_CORRECTED = "bias corrected with the calibration mean, source precision kept"
+
+
+def plan_layout(src: SafetensorsFile, choices: list[Choice], t5xxl: bool, calibrated: Collection[str] = ()) -> Layout:
+    """Each tensor's fate and producer; `calibrated`: quantized weights with input statistics (biases corrected)."""
+    biases = _biases_to_correct(src, choices, calibrated)
+    corrected = {weight: bias for bias, weight in biases.items()}
+    plans = []
+    for choice in choices:
+        entry = choice.entry
+        if choice.name in biases:  # written by its weight's producer
+            plans.append(TensorPlan(entry, Fate.KEPT, BIAS_CORRECTED))
+        elif choice.action is Action.QUANTIZE:
+            bias = corrected.get(choice.name)
+            producer = ScaledFloat16(t5xxl, src.entries[bias] if bias else None)
+            plans.append(TensorPlan(entry, Fate.QUANTIZED, choice.reason, producer))
+        elif choice.action is Action.DROP:
+            plans.append(TensorPlan(entry, Fate.DROPPED, choice.reason))
+        elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(choice.name)):
+            plans.append(TensorPlan(entry, Fate.CAST, choice.reason, CastToFloat16()))
+        else:
+            producer = CopyWithUnitScale() if choice.unit_scale else Copy()
+            plans.append(TensorPlan(entry, Fate.KEPT, _kept_reason(choice), producer))
+    layout = Layout(plans, (Marker(t5xxl),))
+    names = [t.name for t in layout.tensors]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash is not None:
+        raise QuantError(f"{src.path}: the output would hold two tensors named '{clash}'; rename or --exclude it")
+    return layout
+
+
+def _casts_exactly(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    return all(exact_fp16_cast(flat[i : i + CHUNK_ELEMENTS]) for i in range(0, flat.numel(), CHUNK_ELEMENTS))
+
+
+def _kept_reason(choice: Choice) -> str:
+    if choice.action is not Action.CAST_IF_EXACT:
+        return choice.reason
+    if choice.entry.dtype == "F16":
+        return f"{choice.reason}; already float16"
+    return f"{choice.reason}; float16 would not be exact, source precision kept"
+
+
+def _biases_to_correct(src: SafetensorsFile, choices: list[Choice], calibrated: Collection[str]) -> dict[str, str]:
+    """Float biases (kept or cast, not dropped or excluded) of the weights in `calibrated`, with matching length."""
+    chosen = {choice.name: choice for choice in choices}
+    biases = {}
+    for weight in calibrated:
+        choice = chosen.get(layer_name(weight) + ".bias")
+        if (
+            choice is not None
+            and choice.action is not Action.DROP
+            and not choice.excluded
+            and choice.entry.torch_dtype is not None
+            and choice.entry.torch_dtype.is_floating_point
+            and choice.entry.shape == (src.entries[weight].shape[0],)
+        ):
+            biases[choice.name] = weight
+    return biases
 
 
 def select_prefix(entries: Mapping[str, TensorEntry], prefix: str, source: str) -> dict[str, TensorEntry]:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .staging import write_atomically
+
 
 @dataclass
 class LayerReport:
@@ -41,6 +43,17 @@ class ConversionReport:
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+
+    def record(self, name: str, fate: str, reason: str, layer: LayerReport | None = None) -> None:
+        """One source tensor, by its fate (quant_core.plan.Fate: quantized, cast, kept, dropped)."""
+        if fate == "quantized":
+            self.layers.append(layer)
+        elif fate == "cast":
+            self.cast_to_fp16.append(name)
+        elif fate == "dropped":
+            self.dropped.append(name)
+        else:
+            self.kept[name] = reason
 
     @property
     def quantized_elements(self) -> int:
@@ -104,35 +117,11 @@ class ConversionReport:
         return json.dumps(data, indent=1, allow_nan=False)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        """Atomic write (temporary file + rename), like the model file itself."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            tmp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Atomic write (hidden file + rename), like the model file itself."""
+        return write_atomically(path, self.to_json().encode("utf-8"))
 
 
 def report_path_for(output: str | os.PathLike) -> Path:
     output = Path(output)
     stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
     return output.with_name(stem + ".report.json")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM), 0 where /proc is unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except (ImportError, OSError):
-        return 0

@@ -1,15 +1,17 @@
 """The rounding-method interface, the streamed view of a weight it works on, and round-to-nearest.
 
 A rounding method takes a `ScaledWeight` (a 2-D weight already divided by its exact power-of-two
-scale, readable in row chunks on the compute device) and returns its float16 values. Methods only
-choose among float16 values; scaling, I/O and error measurement are shared.
+scale, readable in row chunks on the compute device), the settings' values and, for methods that
+use data, the statistics of the layer's input, and returns its float16 values. Methods only choose
+among float16 values; scaling, I/O and error measurement are shared. `quant_core.methods` lists them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,7 +47,6 @@ class ScaledWeight:
         exponent: int,
         device: torch.device,
         on_chunk: Callable[[], None] | None = None,
-        statistics: InputStatistics | None = None,
     ):
         if source.ndim != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(source.shape)}")
@@ -57,7 +58,6 @@ class ScaledWeight:
         self.rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, self.shape[1]))
         self._factor = math.ldexp(1.0, -exponent)
         self._on_chunk = on_chunk
-        self.statistics = statistics  # of the layer's input, for methods that use data; others ignore it
 
     @property
     def numel(self) -> int:
@@ -111,11 +111,8 @@ class ErrorStats:
         return self.exact / self.numel if self.numel else 1.0
 
 
-@dataclass(frozen=True)
-class RoundingSettings:
-    num_iter: int = 256
-    top_k: int = 1
-    seed: int = 0
+# Setting name -> value, every setting declared in quant_core.methods (its `rounding_settings` fills defaults).
+RoundingSettings = Mapping[str, int]
 
 
 @dataclass
@@ -126,22 +123,31 @@ class RoundingOutcome:
     details: dict[str, float] = field(default_factory=dict)
 
 
-RoundingMethod = Callable[[ScaledWeight, RoundingSettings], RoundingOutcome]
+# (weight, settings, statistics of the layer's input or None) -> float16 values; data-free methods ignore statistics.
+RoundingMethod = Callable[[ScaledWeight, RoundingSettings, "InputStatistics | None"], RoundingOutcome]
 
 
-def measure(weight: ScaledWeight, q: torch.Tensor) -> ErrorStats:
-    stats = ErrorStats()
-    for rows, x in weight.chunks():
-        stats.add(x, q[rows].to(weight.device))
-    return stats
+def nearest_pass(
+    weight: ScaledWeight, each_chunk: Callable[[slice, torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, ErrorStats]:
+    """Round-to-nearest (ties to even) in one streamed pass: (float16 values on the CPU, their error statistics).
 
-
-def round_nearest(weight: ScaledWeight, settings: RoundingSettings) -> RoundingOutcome:
-    """Scaled round-to-nearest (ties to even): the fast baseline, one pass."""
+    `each_chunk(rows, x)` sees every scaled chunk too, so a method that needs a pass of its own
+    over the weight (the learned search's sketch) shares this one instead of reading it twice.
+    """
     q = torch.empty(weight.shape, dtype=torch.float16)
     stats = ErrorStats()
     for rows, x in weight.chunks():
         qc = round_to_fp16(x)
         stats.add(x, qc)
         q[rows] = qc.cpu()
-    return RoundingOutcome(q, stats)
+        if each_chunk is not None:
+            each_chunk(rows, x)
+    return q, stats
+
+
+def round_nearest(
+    weight: ScaledWeight, settings: RoundingSettings, statistics: InputStatistics | None = None
+) -> RoundingOutcome:
+    """Scaled round-to-nearest: the fast baseline, one pass."""
+    return RoundingOutcome(*nearest_pass(weight))

@@ -8,21 +8,22 @@ written the moment it is ready, and the file only appears under its final name w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 
 from .errors import QuantError
+from .staging import StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 _DTYPE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
                 "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL")
 _HEADER_SIZE_BYTES = 8
-_WRITE_BLOCK = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, _HEADER_SIZE_BYTES + header_len
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, remedy: str = "re-download or re-export it") -> Iterator[Any]:
+    """`safe_open` on the CPU, with whatever the library raises for a malformed file (several types) as a QuantError."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except QuantError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the library raises several types for malformed files)
+        raise QuantError(f"{path}: not a valid safetensors file ({exc}); {remedy}") from None
+
+
 class SafetensorsFile:
     """A validated, read-only, memory-mapped safetensors file."""
 
@@ -111,12 +123,9 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise QuantError(f"{self.path}: input file not found")
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                names = list(f.keys())
-                self.metadata: dict[str, str] = dict(f.metadata() or {})
-        except Exception as exc:  # the library raises several types for malformed files
-            raise QuantError(f"{self.path}: not a valid safetensors file ({exc}); re-download or re-export it") from None
+        with open_safetensors(self.path) as f:
+            names = list(f.keys())
+            self.metadata: dict[str, str] = dict(f.metadata() or {})
         header, data_start = read_header(self.path)
         self.entries: dict[str, TensorEntry] = {}
         for name in names:
@@ -198,7 +207,7 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 class StreamingWriter:
     """Writes a safetensors file whose header is fixed up front, tensor by tensor, atomically.
 
-    Data is written into a temporary file beside the target; `commit` renames it into place (and
+    Data is written into a hidden `StagedFile` beside the target; `commit` renames it into place (and
     refuses to replace an existing file unless `overwrite`). Leaving the context without commit,
     or with an exception, deletes the temporary file: an output is either complete or absent.
     """
@@ -223,23 +232,16 @@ class StreamingWriter:
         header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         header_bytes += b" " * (-len(header_bytes) % 8)
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
-        self._total_size = self._data_start + offset
         self._pending = set(self._offsets)
-        # Hidden, beside the target (same filesystem, so the final rename is atomic); the name is
-        # shortened so a long target name cannot push it past the filesystem's limit.
-        self._fd = -1
-        self.temp_path: Path | None = None
+        self._staged: StagedFile | None = None
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name[:64]}.", suffix=".partial", dir=self.target.parent)
+            self._staged = StagedFile(self.target.parent, self.target.name)
         except OSError as exc:
             raise self._write_error(exc) from None
-        self.temp_path = Path(tmp)
-        self._fd = fd
         try:
-            self._pwrite(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
+            self._write_at(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
             try:
-                os.ftruncate(fd, self._total_size)
+                os.ftruncate(self._staged.fd, self._data_start + offset)
             except OSError as exc:
                 raise self._write_error(exc) from None
         except BaseException:
@@ -252,15 +254,11 @@ class StreamingWriter:
             "check that the folder is writable and has free space"
         )
 
-    def _pwrite(self, data: bytes | memoryview, position: int) -> None:
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            try:
-                written = os.pwrite(self._fd, view[:_WRITE_BLOCK], position)
-            except OSError as exc:  # disk full, file size limit, I/O error
-                raise self._write_error(exc) from None
-            view = view[written:]
-            position += written
+    def _write_at(self, data: bytes | memoryview, position: int) -> None:
+        try:
+            self._staged.write_at(data, position)
+        except OSError as exc:  # disk full, file size limit, I/O error
+            raise self._write_error(exc) from None
 
     def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
         """Write one declared tensor's bytes (a CPU tensor of the declared dtype, or raw bytes)."""
@@ -268,21 +266,24 @@ class StreamingWriter:
         payload, _keep_alive = _tensor_bytes(data) if isinstance(data, torch.Tensor) else (memoryview(data), None)
         if payload.nbytes != nbytes:
             raise ValueError(f"tensor '{name}': {payload.nbytes} bytes given, {nbytes} declared")
-        self._pwrite(payload, self._data_start + offset)
+        self._write_at(payload, self._data_start + offset)
         self._pending.discard(name)
 
-    def commit(self) -> Path:
+    def _check_complete(self) -> None:
         if self._pending:
-            raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {sorted(self._pending)[0]}")
+            raise RuntimeError(f"{len(self._pending)} declared tensors were never written, e.g. {min(self._pending)}")
+
+    def finish(self) -> StagedFile:
+        """The complete file, still hidden, for the caller to place (`commit` places it at the target)."""
+        self._check_complete()
+        staged, self._staged = self._staged, None  # handed over: nothing left here to remove
+        return staged
+
+    def commit(self) -> Path:
+        self._check_complete()
         try:
             try:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
-                if self.overwrite:
-                    os.replace(self.temp_path, self.target)
-                else:
-                    rename_no_clobber(self.temp_path, self.target)
+                return self._staged.place(self.target, self.overwrite)
             except FileExistsError:
                 raise QuantError(f"{self.target}: output already exists; pass --overwrite to replace it") from None
             except OSError as exc:
@@ -290,46 +291,46 @@ class StreamingWriter:
         except BaseException:
             self.abort()
             raise
-        return self.target
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self.temp_path is not None:
-            self.temp_path.unlink(missing_ok=True)
+        if self._staged is not None:
+            self._staged.discard()
 
     def __enter__(self) -> "StreamingWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:  # never committed: an error, a cancel, or a forgotten commit
-            self.abort()
-
-
-def rename_no_clobber(source: Path, target: Path) -> None:
-    """Move source to target, raising FileExistsError rather than replacing an existing target."""
-    try:
-        os.link(source, target)  # atomic and refuses an existing name
-    except FileExistsError:
-        raise
-    except OSError:  # a filesystem without hard links
-        if target.exists():
-            raise FileExistsError(target) from None
-        os.replace(source, target)
-        return
-    os.unlink(source)
+        self.abort()  # nothing left to remove once committed: an error, a cancel, or a forgotten commit
 
 
 def write_state_dict(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Save a whole in-memory state dict atomically (like safetensors' save_file, without numpy)."""
+    with _written_whole(tensors, Path(path), metadata, overwrite=True) as writer:
+        return writer.commit()
+
+
+def stage_state_dict(
+    tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike, metadata: Mapping[str, str] | None = None, hint: str = ""
+) -> StagedFile:
+    """A whole in-memory state dict written into a hidden file in `folder`, for the caller to place where it chooses."""
+    with _written_whole(tensors, Path(folder, hint or "state_dict"), metadata) as writer:
+        return writer.finish()
+
+
+def _written_whole(
+    tensors: Mapping[str, torch.Tensor], target: Path, metadata: Mapping[str, str] | None, overwrite: bool = False
+) -> StreamingWriter:
     declared = [
         OutputTensor(name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
-    with StreamingWriter(path, declared, metadata or {}, overwrite=True) as writer:
+    writer = StreamingWriter(target, declared, metadata or {}, overwrite)
+    try:
         for name, t in tensors.items():
             writer.write(name, t.cpu())
-        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer

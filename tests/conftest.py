@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from quant_core.example import write_example_model  # noqa: E402
+from comfyui_server import Server, running_server
+
+from quant_core.example import write_example_model
 
 
 @pytest.fixture
@@ -29,3 +31,10 @@ def save(tmp_path: Path):
         return path
 
     return _save
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    """A real ComfyUI server per test module (the real-ComfyUI tests, skipped without COMFYUI_PATH)."""
+    with running_server(tmp_path_factory.mktemp("comfy_base")) as running:
+        yield running

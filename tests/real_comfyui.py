@@ -37,6 +37,7 @@ def run_script(script: Path, *args: str) -> dict:
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,12 +12,13 @@ from torch import nn
 
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.calibrated import bias_shift, calibrated_rounding, updown_rounding
-from quant_core.calibration import InputStatistics, StatisticsRecorder
+from quant_core.calibration import InputStatistics, StatisticsRecorder, load_statistics, save_statistics
 from quant_core.cli import main
-from quant_core.format import dequantize_state_dict
 from quant_core.fp16 import FP16_MAX, choose_scale_exponent
+from quant_core.methods import rounding_settings
+from quant_core.reader import dequantize_state_dict
 from quant_core.report import report_path_for
-from quant_core.rounding import RoundingSettings, ScaledWeight, abs_max, round_nearest
+from quant_core.rounding import ScaledWeight, abs_max, round_nearest
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,8 +43,11 @@ def recorded(layer: nn.Linear, data: Anisotropic, batches: int = 4, **kwargs) ->
     return recorder.statistics().for_layer("")
 
 
-def scaled(w: torch.Tensor, stats: InputStatistics | None, device: str = "cpu") -> ScaledWeight:
-    return ScaledWeight(w, choose_scale_exponent(abs_max(w)), torch.device(device), statistics=stats)
+def scaled(w: torch.Tensor, device: str = "cpu") -> ScaledWeight:
+    return ScaledWeight(w, choose_scale_exponent(abs_max(w)), torch.device(device))
+
+
+SETTINGS = rounding_settings()
 
 
 def output_error(w: torch.Tensor, weight: ScaledWeight, q: torch.Tensor, x: torch.Tensor) -> float:
@@ -51,10 +55,10 @@ def output_error(w: torch.Tensor, weight: ScaledWeight, q: torch.Tensor, x: torc
     return float(torch.linalg.norm(x.double() @ (w.double() - deq).T))
 
 
-def calibration_loss(weight: ScaledWeight, q: torch.Tensor) -> torch.Tensor:
+def calibration_loss(weight: ScaledWeight, stats: InputStatistics, q: torch.Tensor) -> torch.Tensor:
     """Per-row tr(E H E^T), computed here from the statistics, independently of the method."""
     e = weight.source.double() * 2.0**-weight.exponent - q.double()
-    return ((e @ weight.statistics.hessian()) * e).sum(1)
+    return ((e @ stats.hessian()) * e).sum(1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -62,11 +66,12 @@ def test_calibrated_beats_round_to_nearest_on_heldout_inputs(device):
     torch.manual_seed(0)
     data = Anisotropic(96)
     layer = nn.Linear(96, 64)
-    weight = scaled(layer.weight.detach(), recorded(layer, data), device)
+    stats = recorded(layer, data)
+    weight = scaled(layer.weight.detach(), device)
     heldout = data.draw(4096)
-    rtn = round_nearest(weight, RoundingSettings())
-    calibrated = calibrated_rounding(weight, RoundingSettings())
-    updown = updown_rounding(weight, RoundingSettings())
+    rtn = round_nearest(weight, SETTINGS)
+    calibrated = calibrated_rounding(weight, SETTINGS, stats)
+    updown = updown_rounding(weight, SETTINGS, stats)
     w = layer.weight.detach()
     base = output_error(w, weight, rtn.q, heldout)
     assert output_error(w, weight, calibrated.q, heldout) < 0.35 * base
@@ -84,11 +89,11 @@ def test_eigen_summary_statistics_still_beat_round_to_nearest():
     layer = nn.Linear(64, 32)
     stats = recorded(layer, data, max_full_dim=16, summary_rank=24)
     assert not stats.is_full
-    weight = scaled(layer.weight.detach(), stats)
+    weight = scaled(layer.weight.detach())
     heldout = data.draw(2048)
     w = layer.weight.detach()
-    ratio = output_error(w, weight, calibrated_rounding(weight, RoundingSettings()).q, heldout) / output_error(
-        w, weight, round_nearest(weight, RoundingSettings()).q, heldout
+    ratio = output_error(w, weight, calibrated_rounding(weight, SETTINGS, stats).q, heldout) / output_error(
+        w, weight, round_nearest(weight, SETTINGS).q, heldout
     )
     assert ratio < 0.5
 
@@ -100,10 +105,10 @@ def test_never_worse_than_round_to_nearest_on_the_objective(method):
     n = 40
     x = torch.randn(500, n, generator=g, dtype=torch.float64)
     stats = InputStatistics(500, x.mean(0), second_moment=x.T @ x / 500)
-    weight = scaled(torch.randn(30, n, generator=g), stats)
-    out = method(weight, RoundingSettings())
-    rtn = round_nearest(weight, RoundingSettings())
-    assert (calibration_loss(weight, out.q) <= calibration_loss(weight, rtn.q) * (1 + 1e-12)).all()
+    weight = scaled(torch.randn(30, n, generator=g))
+    out = method(weight, SETTINGS, stats)
+    rtn = round_nearest(weight, SETTINGS)
+    assert (calibration_loss(weight, stats, out.q) <= calibration_loss(weight, stats, rtn.q) * (1 + 1e-12)).all()
     assert out.details["objective_ratio"] <= 1.0
 
 
@@ -116,18 +121,19 @@ def test_extreme_values_stay_finite():
     w[0, 0] = 1e6
     x = torch.randn(300, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
     stats = InputStatistics(300, x.mean(0), second_moment=x.T @ x / 300)
-    weight = scaled(w, stats)
+    weight = scaled(w)
     assert abs_max(w) > FP16_MAX
     for method in (calibrated_rounding, updown_rounding):
-        q = method(weight, RoundingSettings()).q
+        q = method(weight, SETTINGS, stats).q
         assert torch.isfinite(q).all() and q.abs().max() <= FP16_MAX
-        assert calibration_loss(weight, q).sum() <= calibration_loss(weight, round_nearest(weight, RoundingSettings()).q).sum()
+        rtn_loss = calibration_loss(weight, stats, round_nearest(weight, SETTINGS).q)
+        assert calibration_loss(weight, stats, q).sum() <= rtn_loss.sum()
 
 
 def test_statistics_of_the_wrong_width_are_refused():
     stats = InputStatistics(1, torch.zeros(5), second_moment=torch.eye(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="width 5 for a weight with 4"):
-        calibrated_rounding(scaled(torch.ones(3, 4), stats), RoundingSettings())
+        calibrated_rounding(scaled(torch.ones(3, 4)), SETTINGS, stats)
 
 
 @pytest.mark.parametrize("method,after_at_most", [(round_nearest, 0.01), (calibrated_rounding, 0.4)])
@@ -139,8 +145,8 @@ def test_bias_correction_sign_and_effect_on_heldout_data(method, after_at_most):
     data.mean *= 8  # a strong mean makes the bias term matter
     layer = nn.Linear(96, 64)
     stats = recorded(layer, data, batches=16)
-    weight = scaled(layer.weight.detach(), stats)
-    q = method(weight, RoundingSettings()).q
+    weight = scaled(layer.weight.detach())
+    q = method(weight, SETTINGS, stats).q
     w, b = layer.weight.detach().double(), layer.bias.detach().double()
     deq = q.double() * 2.0**weight.exponent
     shift = bias_shift(weight, q, stats.mean)
@@ -188,7 +194,7 @@ def test_cli_calib_end_to_end(tmp_path, capsys):
     with StatisticsRecorder(model) as recorder, torch.no_grad():
         for ids in calibration:
             model(ids)
-    stats_path = recorder.statistics(model="tiny").save(tmp_path / "stats.safetensors")
+    stats_path = save_statistics(recorder.statistics(model="tiny"), tmp_path / "stats.safetensors")
     source = tmp_path / "tiny.safetensors"  # stored under a prefix the module tree lacks
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(source))
 
@@ -239,7 +245,7 @@ def test_statistics_from_another_model_are_an_error(example_model, tmp_path):
     layer = nn.Linear(7, 3)
     with StatisticsRecorder(nn.ModuleDict({"head": layer})) as recorder, torch.no_grad():
         layer(torch.randn(5, 7))
-    stats = recorder.statistics().save(tmp_path / "s.safetensors")
+    stats = load_statistics(save_statistics(recorder.statistics(), tmp_path / "s.safetensors"))
     with pytest.raises(QuantError, match="'head' was recorded with 7 input features"):
-        convert_file(example_model, tmp_path / "o.safetensors", ConvertOptions(calib=str(stats), method="calibrated"))
+        convert_file(example_model, tmp_path / "o.safetensors", ConvertOptions(method="calibrated"), statistics=stats)
     assert not (tmp_path / "o.safetensors").exists()

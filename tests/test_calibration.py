@@ -9,7 +9,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quant_core import QuantError
-from quant_core.calibration import CalibrationStatistics, StatisticsRecorder, match_weight_keys, statistics_for_weights
+from quant_core.calibration import (
+    CalibrationStatistics,
+    StatisticsRecorder,
+    load_statistics,
+    match_weight_keys,
+    save_statistics,
+    statistics_for_weights,
+)
 
 
 class Attention(nn.Module):
@@ -157,8 +164,8 @@ def test_eigen_summary_of_full_rank_inputs_keeps_diagonal_and_top_directions():
 def test_save_and_load_roundtrip(model_and_batches, tmp_path):
     model, batches = model_and_batches
     stats = record(model, batches, max_full_dim=20, summary_rank=4)  # 'down' (width 36) is summarized
-    path = stats.save(tmp_path / "stats.safetensors")
-    loaded = CalibrationStatistics.load(path)
+    path = save_statistics(stats, tmp_path / "stats.safetensors")
+    loaded = load_statistics(path)
     assert loaded.layers == stats.layers and loaded.model == "attention-test"
     assert loaded.forward_calls == 3 and loaded.tokens == 30
     assert loaded.settings["max_full_dim"] == 20
@@ -176,13 +183,13 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     plain = tmp_path / "weights.safetensors"
     save_file({"a.weight": torch.zeros(2, 2)}, str(plain))
     with pytest.raises(QuantError, match="not a calibration statistics file"):
-        CalibrationStatistics.load(plain)
+        load_statistics(plain)
     with pytest.raises(QuantError, match="not found"):
-        CalibrationStatistics.load(tmp_path / "missing.safetensors")
+        load_statistics(tmp_path / "missing.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(QuantError, match="not a valid safetensors file"):
-        CalibrationStatistics.load(garbage)
+        load_statistics(garbage)
 
 
 @pytest.mark.parametrize(

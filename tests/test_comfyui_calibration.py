@@ -1,7 +1,7 @@
 """Calibration inside a real ComfyUI: calibrate -> quantize -> save -> load, judged on held-out prompts.
 
-Skipped unless COMFYUI_PATH is set (see tests/test_comfyui_integration.py, whose server fixture and
-helpers this module reuses). The example workflow `calibrate_and_quantize` samples the generated
+Skipped unless COMFYUI_PATH is set (see tests/test_comfyui_integration.py; the server fixture is in
+conftest.py, its helpers in tests/comfyui_server.py). The example workflow `calibrate_and_quantize` samples the generated
 tiny SD1.x checkpoint on calibration prompts (combined with ConditioningCombine, so every step
 evaluates each of them; the latent batch gives one noise per seed) while CalibrateForQuantFP16
 records the UNet's Linear inputs, then converts the checkpoint's diffusion model twice, calibrated
@@ -19,20 +19,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from comfyui_server import PROMPT_TIMEOUT, Server, load_workflow, ui_to_api
 from real_comfyui import require_comfyui
-from test_comfyui_integration import (  # noqa: F401  (server: the module-scoped fixture)
-    PROMPT_TIMEOUT,
-    Server,
-    load_workflow,
-    server,
-    ui_to_api,
-)
+from safetensors.torch import load_file
 
 require_comfyui()
 

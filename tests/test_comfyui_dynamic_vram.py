@@ -8,17 +8,13 @@ ComfyUI checkout, and where that ComfyUI has no Dynamic VRAM (e.g. 0.3.64):
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny_models
+from real_comfyui import require_comfyui, run_script
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+require_comfyui()
 
 SCRIPT = Path(__file__).resolve().parent / "comfyui_dynamic_vram.py"
 LORA_LAYERS = sorted(f"diffusion_model.{name}" for name in tiny_models.LORA_TARGETS)
@@ -27,11 +23,7 @@ RUNS = ("fp16_converted", "bf16_built", "fp16_half_vram", "fp16_no_vram_no_pins"
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT)], check=False, cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(SCRIPT)
     if not result["available"]:
         pytest.skip(f"no Dynamic VRAM in this ComfyUI: {result['reason']}")
     return result

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
-from quant_core.format import META_FORMAT, META_SETTINGS, dequantize_state_dict
+from quant_core.format import META_FORMAT, META_SETTINGS
+from quant_core.reader import dequantize_state_dict
 from quant_core.report import report_path_for
 
 
@@ -159,7 +160,7 @@ def test_bad_exclude_pattern_is_reported(example_model, tmp_path):
 
 
 def test_metadata_records_format_settings_and_source(example_model, tmp_path):
-    out, _ = convert(example_model, tmp_path, num_iter=7, top_k=2)
+    out, _ = convert(example_model, tmp_path, rounding={"num_iter": 7, "top_k": 2})
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta[META_FORMAT] == "scaled_fp16" and meta["quant.format_version"] == "1"

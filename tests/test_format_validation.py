@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
-from quant_core.format import dequantize_state_dict, validate_scaled_state_dict
+from quant_core.reader import dequantize_state_dict, read_scaled_file, validate_scaled_state_dict
 
 FIXTURE = Path(__file__).with_name("fixtures") / "seed_layout.safetensors"
 
@@ -104,3 +104,28 @@ def test_unit_scale_on_a_weight_kept_in_source_precision_passes(tmp_path: Path) 
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     assert tensors["img_in.weight"].dtype == torch.bfloat16
     assert validate_scaled_state_dict("x", tensors, metadata)["img_in.scale_weight"] == 1.0
+
+
+def test_a_file_written_before_the_scaled_weights_record_still_validates(converted) -> None:
+    tensors, metadata = converted
+    older = {k: v for k, v in metadata.items() if k != "quant.scaled_weights"}
+    assert "quant.settings" in older
+    assert validate_scaled_state_dict("old.safetensors", tensors, older) == validate_scaled_state_dict(
+        "new.safetensors", tensors, metadata
+    )
+
+
+def test_the_reader_lists_the_scales_a_loader_must_apply_and_dequantizes(tmp_path: Path) -> None:
+    src = tmp_path / "flux.safetensors"
+    save_file({"img_in.weight": torch.randn(8, 8, dtype=torch.bfloat16), "double.weight": torch.randn(8, 8) * 1e5}, str(src))
+    out = tmp_path / "out.safetensors"
+    convert_file(src, out, ConvertOptions(method="rtn", keep_distillation=True))
+    scaled = read_scaled_file(out)
+    assert "scaled_fp16" not in scaled.tensors and scaled.scales["img_in.scale_weight"] == 1.0
+    assert scaled.expected_scales == ["double.scale_weight"]  # a unit scale changes nothing wherever it ends up
+    restored, reference = scaled.dequantized(), dequantize_state_dict(load_file(str(out)))
+    assert restored.keys() == reference.keys() == {"img_in.weight", "double.weight"}
+    assert all(torch.equal(restored[k], reference[k]) for k in reference)
+    with pytest.raises(QuantError, match=r"x\.safetensors: not a valid safetensors file"):
+        (tmp_path / "x.safetensors").write_bytes(b"\x00" * 16)
+        read_scaled_file(tmp_path / "x.safetensors")

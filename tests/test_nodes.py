@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
 from comfy_standin import harness
+from safetensors.torch import load_file, save_file
 
 pack = harness.import_pack()
 
@@ -27,17 +26,16 @@ import comfy.ops  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 import server  # noqa: E402
-
 from learned_rounding_fp16_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant  # noqa: E402
 from learned_rounding_fp16_pack.nodes.handles import CATEGORY  # noqa: E402
-from learned_rounding_fp16_pack.nodes.loader import ScaledFP16Loader, read_scaled_file  # noqa: E402
+from learned_rounding_fp16_pack.nodes.loader import ScaledFP16Loader  # noqa: E402
 from learned_rounding_fp16_pack.nodes.ops import scaled_fp16_ops  # noqa: E402
 from learned_rounding_fp16_pack.nodes.progress import LAYER_EVENT  # noqa: E402
 from learned_rounding_fp16_pack.nodes.quantize import LearnedRoundingFP16  # noqa: E402
 from learned_rounding_fp16_pack.nodes.save import SaveScaledFP16  # noqa: E402
 from learned_rounding_fp16_pack.quant_core import QuantError  # noqa: E402
-from learned_rounding_fp16_pack.quant_core.format import dequantize_state_dict  # noqa: E402
+from learned_rounding_fp16_pack.quant_core.reader import dequantize_state_dict, read_scaled_file  # noqa: E402
 
 PREFIX = "model.diffusion_model."
 
@@ -153,6 +151,20 @@ def test_node_contract(name: str, comfy_env) -> None:
         assert cls.OUTPUT_NODE is True, "a node whose results nothing consumes must be an output node to run"
 
 
+def test_quantize_widgets_are_the_declared_rounding_settings(comfy_env) -> None:
+    from learned_rounding_fp16_pack.quant_core.methods import METHODS, SETTINGS
+
+    required = LearnedRoundingFP16.INPUT_TYPES()["required"]
+    assert required["method"][0] == ["auto", *METHODS] and required["method"][1]["default"] == "auto"
+    for setting in SETTINGS:
+        if not setting.offered:
+            assert setting.name not in required
+            continue
+        kind, options = required[setting.name]
+        assert kind == "INT" and options["default"] == setting.default and options["min"] == setting.minimum
+        assert options["max"] == setting.maximum and options["tooltip"] == setting.help
+
+
 def test_pack_imports_without_comfyui() -> None:
     code = (
         "import importlib.util, sys\n"
@@ -198,6 +210,7 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     out = quantize(source)
     handle, summary = out["result"]
     assert Path(handle.path).parent == comfy_env["temp"] / "learned_rounding_fp16"
+    assert files_under(comfy_env["temp"]) == [f"learned_rounding_fp16/{Path(handle.path).name}"]  # no report yet
     assert "4 quantized" in summary
     (name,) = SaveScaledFP16().save(handle, "tiny/net", "diffusion_models")["result"]
     assert name == "tiny/net_00001.safetensors"
@@ -205,7 +218,8 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     assert saved.read_bytes() == Path(handle.path).read_bytes()
     assert name in ScaledFP16Loader.INPUT_TYPES()["required"]["unet_name"][0]  # listed after a refresh
 
-    tensors, scales = read_scaled_file(saved)
+    scaled = read_scaled_file(saved)
+    tensors, scales = scaled.tensors, scaled.scales
     assert "scaled_fp16" not in tensors and set(scales) == {
         f"{k}.scale_weight" for k in ("up", "down", "tokens", "positions")
     }
@@ -340,7 +354,8 @@ def test_a_damaged_saved_file_fails_to_load_naming_file_and_tensor(handle, comfy
 def test_a_plain_file_loads_unchanged(comfy_env) -> None:
     path = comfy_env["diffusion_models"] / "plain.safetensors"
     save_file(tiny_net_weights(), str(path))
-    tensors, scales = read_scaled_file(path)
+    scaled = read_scaled_file(path)
+    tensors, scales = scaled.tensors, scaled.scales
     assert scales == {} and set(tensors) == set(tiny_net_weights())
     with torch.no_grad():
         assert torch.equal(

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfy_standin import harness
+from safetensors.torch import save_file
 
 pack = harness.import_pack()
 
@@ -22,12 +21,10 @@ from learned_rounding_fp16_pack.nodes.calibrate import (  # noqa: E402
     LoadCalibrationFP16,
     SaveCalibrationFP16,
     recorded_steps,
-    statistics_file,
 )
 from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant  # noqa: E402
 from learned_rounding_fp16_pack.nodes.quantize import LearnedRoundingFP16  # noqa: E402
 from learned_rounding_fp16_pack.quant_core import QuantError  # noqa: E402
-from learned_rounding_fp16_pack.quant_core.calibration import CalibrationStatistics  # noqa: E402
 
 
 class TinyEncoder(torch.nn.Module):
@@ -107,9 +104,7 @@ def test_save_and_load_round_trip(folders) -> None:
     loaded, summary = LoadCalibrationFP16().load(names[0])
     torch.testing.assert_close(loaded.for_layer("fc").hessian(), stats.for_layer("fc").hessian())
     assert loaded.layers == stats.layers
-    assert statistics_file(loaded, folders["temp"]) == loaded.source  # no copy of a saved file
-    copy = statistics_file(stats, folders["temp"])
-    assert Path(copy).is_relative_to(folders["temp"]) and CalibrationStatistics.load(copy).layers == stats.layers
+    assert Path(loaded.source).name == "encoder_00001.safetensors"  # the converter reads the saved file itself
 
 
 @pytest.mark.parametrize("name", ["../escape.safetensors", "/etc/passwd"])
@@ -127,7 +122,11 @@ def test_quantize_with_calibration_uses_it_where_layers_match(folders) -> None:
     result = LearnedRoundingFP16().quantize(
         source, "calibrated", 64, 1, 3072, False, False, "", calibration=stats, unique_id="1"
     )
-    report = result["result"][0].report
+    handle = result["result"][0]
+    report = handle.report
+    temp_files = [p for p in folders["temp"].rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+    assert temp_files == [Path(handle.path)], "the statistics in memory go to the converter, never to a file"
+    assert report.settings["calib"] is None and report.settings["calib_tokens"] == stats.tokens
     methods = {layer.name: layer.method for layer in report.layers}
     assert methods == {
         "text_model.embed.weight": "learned",  # no recorded input: data-free

@@ -6,14 +6,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfy_standin import harness
+from safetensors.torch import save_file
 
 harness.import_pack()
 
 import folder_paths  # noqa: E402
-
 from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant  # noqa: E402
 from learned_rounding_fp16_pack.nodes.handles import QuantSource, ScaledFP16File  # noqa: E402
 from learned_rounding_fp16_pack.nodes.loader import ScaledFP16Loader  # noqa: E402

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import CASES, Case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from corpus import CASES, Case
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.cli import main as cli_main
 
@@ -224,7 +224,7 @@ def test_random_models_and_corruptions(model, corruption, cut, tmp_path_factory)
     out_dir.mkdir()
     output = out_dir / "o.safetensors"
     try:
-        convert_file(source, output, ConvertOptions(method="learned", num_iter=8))
+        convert_file(source, output, ConvertOptions(method="learned", rounding={"num_iter": 8}))
     except QuantError:
         assert list(out_dir.iterdir()) == []
         return

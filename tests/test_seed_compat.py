@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from quant_core import QuantError
-from quant_core.format import dequantize_state_dict
-
+from quant_core.reader import dequantize_state_dict
 from tests.fixtures.make_seed_layout_fixture import seed_layout_tensors
 
 FIXTURE = Path(__file__).with_name("fixtures") / "seed_layout.safetensors"

@@ -1,0 +1,181 @@
+"""Producers: what writes each tensor of the output file. The one place to add a kind of output tensor.
+
+The plan (`quant_core.plan`) gives every source tensor a producer, which declares the output tensors
+it writes (`outputs`, known before any work so the file's header is fixed up front) and makes them
+(`produce`). The converter only runs the producers: a new output format or kind of tensor is a new
+producer here, chosen by the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .calibrated import bias_shift
+from .calibration import CalibrationStatistics, InputStatistics
+from .format import MARKER_KEY, SCALE_DTYPE, marker_shape, scale_input_key, scale_weight_key
+from .methods import Method, for_weight
+from .report import LayerReport
+from .rounding import RoundingSettings, ScaledWeight
+from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, TensorEntry, tensor_nbytes
+
+_SCALE = DTYPE_NAMES[SCALE_DTYPE]
+_FLOAT16 = DTYPE_NAMES[torch.float16]
+
+
+def declared(name: str, dtype: str, shape: tuple[int, ...]) -> OutputTensor:
+    return OutputTensor(name, dtype, shape, tensor_nbytes(dtype, shape))
+
+
+def as_stored(entry: TensorEntry) -> OutputTensor:
+    """An output tensor with the source tensor's own name, dtype and shape."""
+    return OutputTensor(entry.name, entry.dtype, entry.shape, entry.nbytes)
+
+
+@dataclass
+class Job:
+    """What producers share during one conversion."""
+
+    src: SafetensorsFile
+    device: torch.device
+    method: Method
+    settings: RoundingSettings
+    statistics: CalibrationStatistics | None = None
+    recorded_layers: Mapping[str, str] = field(default_factory=dict)  # weight -> recorded layer in `statistics`
+    exponents: Mapping[str, int] = field(default_factory=dict)  # weight -> its scale's exponent
+    check_cancelled: Callable[[], None] | None = None
+
+    def input_statistics(self, weight: str) -> InputStatistics | None:
+        layer = self.recorded_layers.get(weight)
+        return None if layer is None or self.statistics is None else self.statistics.for_layer(layer)
+
+
+@dataclass
+class Produced:
+    tensors: dict[str, torch.Tensor | memoryview]  # output name -> its data (a CPU tensor or raw bytes)
+    layer: LayerReport | None = None  # for a rounded weight
+
+
+class Producer(Protocol):
+    def outputs(self, entry: TensorEntry | None) -> tuple[OutputTensor, ...]: ...
+
+    def produce(self, job: Job, entry: TensorEntry | None) -> Produced: ...
+
+
+class Copy:
+    """The source bytes unchanged."""
+
+    def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
+        return (as_stored(entry),)
+
+    def produce(self, job: Job, entry: TensorEntry) -> Produced:
+        return Produced({entry.name: job.src.raw_bytes(entry.name)})
+
+
+class CastToFloat16:
+    """A float tensor as float16 (the plan chose it because that cast is exact and finite)."""
+
+    def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
+        return (declared(entry.name, _FLOAT16, entry.shape),)
+
+    def produce(self, job: Job, entry: TensorEntry) -> Produced:
+        return Produced({entry.name: job.src.tensor(entry.name).to(torch.float16)})
+
+
+class CopyWithUnitScale:
+    """A weight kept in its source precision that still carries `scale_weight` 1 (--keep_distillation)."""
+
+    def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
+        return as_stored(entry), declared(scale_weight_key(entry.name), _SCALE, (1,))
+
+    def produce(self, job: Job, entry: TensorEntry) -> Produced:
+        return Produced(
+            {entry.name: job.src.raw_bytes(entry.name), scale_weight_key(entry.name): torch.ones(1, dtype=SCALE_DTYPE)}
+        )
+
+
+@dataclass(frozen=True)
+class ScaledFloat16:
+    """A weight rounded to float16 at its exact power-of-two scale, with `scale_weight` (and `scale_input`).
+
+    `bias`: the layer's bias, corrected here with the statistics' mean (the correction needs this
+    weight's rounding, whichever of the two comes first in the file).
+    """
+
+    scale_input: bool = False
+    bias: TensorEntry | None = None
+
+    def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
+        declared_outputs = [declared(entry.name, _FLOAT16, entry.shape)]
+        if self.bias is not None:
+            declared_outputs.append(as_stored(self.bias))  # a corrected bias keeps its source dtype
+        declared_outputs.append(declared(scale_weight_key(entry.name), _SCALE, (1,)))
+        if self.scale_input:
+            declared_outputs.append(declared(scale_input_key(entry.name), _SCALE, (1,)))
+        return tuple(declared_outputs)
+
+    def produce(self, job: Job, entry: TensorEntry) -> Produced:
+        name = entry.name
+        statistics = job.input_statistics(name)
+        weight = ScaledWeight(job.src.tensor(name), job.exponents[name], job.device, job.check_cancelled)
+        q, layer = _round(job, entry, weight, statistics)
+        scale = torch.tensor([layer.scale], dtype=SCALE_DTYPE)
+        tensors: dict[str, torch.Tensor | memoryview] = {name: q}
+        if self.bias is not None:
+            tensors[self.bias.name] = _corrected_bias(job.src, self.bias.name, weight, q, statistics.mean)
+        tensors[scale_weight_key(name)] = scale
+        if self.scale_input:
+            tensors[scale_input_key(name)] = scale
+        return Produced(tensors, layer)
+
+
+@dataclass(frozen=True)
+class Marker:
+    """The `scaled_fp16` marker tensor that tells loaders what the file is."""
+
+    t5xxl: bool = False
+
+    def outputs(self, entry: None = None) -> tuple[OutputTensor, ...]:
+        return (declared(MARKER_KEY, _FLOAT16, marker_shape(self.t5xxl)),)
+
+    def produce(self, job: Job, entry: None = None) -> Produced:
+        return Produced({MARKER_KEY: torch.zeros(marker_shape(self.t5xxl), dtype=torch.float16)})
+
+
+def _round(
+    job: Job, entry: TensorEntry, weight: ScaledWeight, statistics: InputStatistics | None
+) -> tuple[torch.Tensor, LayerReport]:
+    """The weight's float16 values by the job's method (data-free where it has no statistics), and its report."""
+    started = time.perf_counter()
+    method = for_weight(job.method, statistics is not None)
+    outcome = method.round(weight, job.settings, statistics)
+    scale = 2.0**weight.exponent
+    stats = outcome.stats
+    layer = LayerReport(
+        name=entry.name,
+        shape=list(weight.shape),
+        source_dtype=entry.dtype,
+        method=method.name,
+        scale=scale,
+        relative_error=stats.relative_error,
+        max_abs_error=stats.max_abs_error * scale,
+        exact_fraction=stats.exact_fraction,
+        iterations=outcome.iterations,
+        seconds=time.perf_counter() - started,
+        error_sq=stats.error_sq * scale**2,
+        reference_sq=stats.reference_sq * scale**2,
+        details=outcome.details,
+    )
+    return outcome.q, layer
+
+
+def _corrected_bias(
+    src: SafetensorsFile, name: str, weight: ScaledWeight, q: torch.Tensor, mean: torch.Tensor
+) -> torch.Tensor:
+    """b + (W - W_q) E[x], in the bias's own dtype: zero mean output error on the calibration inputs."""
+    bias = src.tensor(name)
+    return (bias.to(torch.float64) + bias_shift(weight, q, mean)).to(bias.dtype)

@@ -1,0 +1,120 @@
+"""Atomic output: every file is written under a hidden name beside its destination, then renamed into place.
+
+A reader never sees a half-written model, statistics file or report, and an interrupted write leaves
+nothing behind: the converter's output, its JSON report, and the ComfyUI nodes' saves all go through
+`StagedFile`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+_WRITE_BLOCK = 1 << 26
+_MAX_HINT = 64  # characters of the final name kept in the hidden one: a long name cannot overflow the limit
+
+
+class StagedFile:
+    """A hidden temporary file in `folder` (created with it as needed), removed unless it is placed.
+
+    Write it (`write_at`), then `place` it under its final name: the rename is atomic because the
+    file already lies in the destination's folder. Leaving the context without placing it deletes it.
+    OSError is left to the caller, which knows what to tell the user.
+    """
+
+    def __init__(self, folder: str | os.PathLike, hint: str = ""):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.", suffix=".partial", dir=self.folder)
+        self.path: Path | None = Path(name)
+
+    @classmethod
+    def copy_of(cls, source: Path, folder: str | os.PathLike) -> StagedFile:
+        """A complete staged copy of `source`: a hard link where the folder is on its disk (no copy), else a synced copy."""
+        staged = cls(folder, source.name)
+        try:
+            staged._close()
+            staged.path.unlink()
+            try:
+                os.link(source, staged.path)
+            except OSError:
+                shutil.copyfile(source, staged.path)
+                with open(staged.path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    def write_at(self, data: bytes | memoryview, position: int) -> None:
+        """Write all of `data` at byte `position` (in blocks: one huge write can fail on some systems)."""
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            written = os.pwrite(self.fd, view[:_WRITE_BLOCK], position)
+            view = view[written:]
+            position += written
+
+    def place(self, target: Path, overwrite: bool = False) -> Path:
+        """Give the file its final name; FileExistsError if `target` exists and not `overwrite`."""
+        self._close()
+        if overwrite:
+            os.replace(self.path, target)
+        else:
+            _rename_no_clobber(self.path, target)
+        self.path = None
+        return target
+
+    def place_first_free(self, targets: Iterable[Path]) -> Path | None:
+        """Place the file at the first of `targets` that does not exist yet (never replacing one); None if all do."""
+        for target in targets:
+            try:
+                return self.place(target)
+            except FileExistsError:
+                continue
+        return None
+
+    def discard(self) -> None:
+        self._close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def _close(self) -> None:
+        """Flush to disk before the rename, so a crash cannot leave a complete name over incomplete data."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def write_atomically(target: str | os.PathLike, data: bytes) -> Path:
+    """A small file written whole (replacing any file of that name), complete or not at all."""
+    target = Path(target)
+    with StagedFile(target.parent, target.name) as staged:
+        staged.write_at(data, 0)
+        return staged.place(target, overwrite=True)
+
+
+def _rename_no_clobber(source: Path, target: Path) -> None:
+    """Move source to target, raising FileExistsError rather than replacing an existing target."""
+    try:
+        os.link(source, target)  # atomic and refuses an existing name
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(source, target)
+        return
+    os.unlink(source)
