@@ -62,6 +62,20 @@ class Factor(Protocol):
     def estimated_losses(self, errors: torch.Tensor) -> torch.Tensor:
         """tr(e H e^T) per row of errors [rows, n] in the input's own column order (undamped), work dtype."""
 
+    # the undamped H for coordinate descent (refine.py), in act order and the work dtype
+
+    def start_gradient(self, errors: torch.Tensor) -> None:
+        """Prepare `gradient` for the transposed errors [n, rows]."""
+
+    def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
+        """(H E^T) rows b0:b1, [b1-b0, rows], from the current errors (and the moves `moved` was told of)."""
+
+    def hessian_block(self, b0: int, b1: int) -> torch.Tensor:
+        """H restricted to columns b0:b1."""
+
+    def moved(self, b0: int, b1: int, changes: torch.Tensor) -> None:
+        """The errors of columns b0:b1 changed by `changes` [b1-b0, rows]."""
+
 
 def act_order(diagonal: torch.Tensor) -> torch.Tensor:
     return torch.argsort(diagonal, descending=True)
@@ -78,6 +92,7 @@ class DenseFactor:
     """T from the backwards Cholesky factor of the dense damped H; earlier errors are kept by the caller."""
 
     order: torch.Tensor
+    h: torch.Tensor  # the undamped H as given (float64, own order): rows are gathered from it for refinement
     lower: torch.Tensor  # Cholesky factor of H_d with rows and columns reversed: M = flip(lower)
     diag: torch.Tensor  # M_jj, work dtype
     curvature: torch.Tensor
@@ -107,7 +122,7 @@ class DenseFactor:
             if int(info) == 0:
                 lower = damped.mT
                 diag = lower.diagonal().flip(0).clone()
-                return cls(order, lower, diag, diag.double() ** 2, damp * 10**attempt)
+                return cls(order, h, lower, diag, diag.double() ** 2, damp * 10**attempt)
         return None
 
     def _m(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
@@ -133,6 +148,21 @@ class DenseFactor:
         projected = torch.index_select(errors, 1, self.order.flip(0)) @ self.lower
         return (projected * projected).sum(1) - self.damp * (errors * errors).sum(1)
 
+    def _rows(self, b0: int, b1: int) -> torch.Tensor:
+        return self.h.index_select(0, self.order[b0:b1]).index_select(1, self.order).to(self.lower.dtype)
+
+    def start_gradient(self, errors: torch.Tensor) -> None:
+        return None
+
+    def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
+        return self._rows(b0, b1) @ errors
+
+    def hessian_block(self, b0: int, b1: int) -> torch.Tensor:
+        return self._rows(b0, b1)[:, b0:b1]
+
+    def moved(self, b0: int, b1: int, changes: torch.Tensor) -> None:
+        return None  # `gradient` reads the errors themselves
+
 
 @dataclass
 class LowRankFactor:
@@ -143,9 +173,10 @@ class LowRankFactor:
     c: torch.Tensor  # [k, n] c_j = C_j^-1 z_j / d_j, work dtype
     z_own: torch.Tensor  # [n, k] Z in the input's own column order, work dtype (for losses)
     residual_own: torch.Tensor  # [n] diag(H) - diag(Z Z^T), own order, work dtype
+    residual: torch.Tensor  # [n] the same in act order
     curvature: torch.Tensor
     damp: float
-    _s: torch.Tensor | None = None  # [k, rows] S^T
+    _s: torch.Tensor | None = None  # [k, rows] S^T (feedback), then Z^T E^T (refinement)
 
     @classmethod
     def build(
@@ -165,7 +196,8 @@ class LowRankFactor:
         order = act_order(diagonal)
         damp = live_damping(diagonal, damping)
         z_own, residual_own = z.to(dtype), residual.to(dtype)
-        z, d = z[order], residual[order] + damp
+        z, residual = z[order], residual[order]
+        d = residual + damp
         n, k = z.shape
         c = torch.empty(k, n, dtype=f64, device=device)
         zc = torch.empty(n, dtype=f64, device=device)  # z_j^T c_j
@@ -191,7 +223,7 @@ class LowRankFactor:
         curvature = d / (1 - zc)
         if int(failures) or not bool(torch.isfinite(c).all()):
             return None
-        return cls(order, z.to(dtype), c.to(dtype), z_own, residual_own, curvature, damp)
+        return cls(order, z.to(dtype), c.to(dtype), z_own, residual_own, residual.to(dtype), curvature, damp)
 
     def start(self, rows: int) -> None:
         self._s = torch.zeros(self.z.shape[1], rows, dtype=self.z.dtype, device=self.z.device)
@@ -208,6 +240,18 @@ class LowRankFactor:
     def estimated_losses(self, errors: torch.Tensor) -> torch.Tensor:
         projected = errors @ self.z_own
         return (projected * projected).sum(1) + (errors * errors) @ self.residual_own
+
+    def start_gradient(self, errors: torch.Tensor) -> None:
+        self._s = self.z.T @ errors
+
+    def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(errors[b0:b1] * self.residual[b0:b1, None], self.z[b0:b1], self._s)
+
+    def hessian_block(self, b0: int, b1: int) -> torch.Tensor:
+        return torch.diag(self.residual[b0:b1]) + self.z[b0:b1] @ self.z[b0:b1].T
+
+    def moved(self, b0: int, b1: int, changes: torch.Tensor) -> None:
+        self._s.addmm_(self.z[b0:b1].T, changes)
 
 
 def error_feedback(
