@@ -32,8 +32,9 @@ import torch
 from .calibration import InputStatistics
 from .fp16 import FP16_MAX, round_to_fp16
 
-BLOCK_COLUMNS = 256  # columns per block: earlier blocks reach it through one product
-INNER_COLUMNS = 32  # columns updated one by one inside a block before a product spreads their errors
+BLOCK_COLUMNS = 128  # columns per block: earlier blocks reach it through one product (64-256 measured alike)
+INNER_COLUMNS = 16  # columns updated one by one inside a block before a product spreads their errors
+FACTOR_BLOCK = 256  # columns per step of the low-rank factorization
 _DAMPING_RETRIES = 4  # more damping (x10 each) when float error makes H indefinite
 _GATHER_ROWS = 256  # rows of H permuted at a time into the factor's matrix
 
@@ -180,7 +181,7 @@ class LowRankFactor:
 
     @classmethod
     def build(
-        cls, stats: InputStatistics, damping: float, device: torch.device, dtype: torch.dtype, block: int = BLOCK_COLUMNS
+        cls, stats: InputStatistics, damping: float, device: torch.device, dtype: torch.dtype, block: int = FACTOR_BLOCK
     ) -> LowRankFactor | None:
         """O(n k^2) in float64, a block of columns at a time from the last one backwards; None for unusable statistics.
 
