@@ -34,7 +34,7 @@ import math
 import torch
 
 from .calibration import InputStatistics
-from .feedback import DenseFactor, Factor, LowRankFactor, error_feedback, exact_row_losses
+from .feedback import DenseFactor, Factor, LowRankFactor, error_feedback
 from .fp16 import round_to_fp16
 from .refine import coordinate_descent
 from .rounding import ErrorStats, RoundingOutcome, RoundingSettings, ScaledWeight
@@ -196,8 +196,8 @@ def _keep_better_rows(
         close |= ~torch.isfinite(ours)
         if bool(close.any()):
             x64 = xs[close].double()
-            rtn[close] = exact_row_losses(stats, x64 - ns[close].double())
-            ours[close] = exact_row_losses(stats, x64 - q[close].double())
+            rtn[close] = factor.exact_losses(x64 - ns[close].double())
+            ours[close] = factor.exact_losses(x64 - q[close].double())
         worse = ~(ours <= rtn)  # NaN counts as worse
         q = torch.where(worse[:, None], ns, q)
         if xs.shape[0] < x.shape[0]:

@@ -63,6 +63,9 @@ class Factor(Protocol):
     def estimated_losses(self, errors: torch.Tensor) -> torch.Tensor:
         """tr(e H e^T) per row of errors [rows, n] in the input's own column order (undamped), work dtype."""
 
+    def exact_losses(self, errors: torch.Tensor) -> torch.Tensor:
+        """The same in float64 from the statistics as given, for float64 errors (near ties)."""
+
     # the undamped H for coordinate descent (refine.py), in act order and the work dtype
 
     def start_gradient(self, errors: torch.Tensor) -> None:
@@ -149,6 +152,9 @@ class DenseFactor:
         projected = torch.index_select(errors, 1, self.order.flip(0)) @ self.lower
         return (projected * projected).sum(1) - self.damp * (errors * errors).sum(1)
 
+    def exact_losses(self, errors: torch.Tensor) -> torch.Tensor:
+        return ((errors @ self.h) * errors).sum(1)
+
     def _rows(self, b0: int, b1: int) -> torch.Tensor:
         return self.h.index_select(0, self.order[b0:b1]).index_select(1, self.order).to(self.lower.dtype)
 
@@ -175,6 +181,7 @@ class LowRankFactor:
     z_own: torch.Tensor  # [n, k] Z in the input's own column order, work dtype (for losses)
     residual_own: torch.Tensor  # [n] diag(H) - diag(Z Z^T), own order, work dtype
     residual: torch.Tensor  # [n] the same in act order
+    exact: tuple[torch.Tensor, torch.Tensor]  # (Z, residual) in float64, own order
     curvature: torch.Tensor
     damp: float
     _s: torch.Tensor | None = None  # [k, rows] S^T (feedback), then Z^T E^T (refinement)
@@ -196,6 +203,7 @@ class LowRankFactor:
         diagonal = residual + (z * z).sum(1)
         order = act_order(diagonal)
         damp = live_damping(diagonal, damping)
+        exact = (z, residual)
         z_own, residual_own = z.to(dtype), residual.to(dtype)
         z, residual = z[order], residual[order]
         d = residual + damp
@@ -224,7 +232,7 @@ class LowRankFactor:
         curvature = d / (1 - zc)
         if int(failures) or not bool(torch.isfinite(c).all()):
             return None
-        return cls(order, z.to(dtype), c.to(dtype), z_own, residual_own, residual.to(dtype), curvature, damp)
+        return cls(order, z.to(dtype), c.to(dtype), z_own, residual_own, residual.to(dtype), exact, curvature, damp)
 
     def start(self, rows: int) -> None:
         self._s = torch.zeros(self.z.shape[1], rows, dtype=self.z.dtype, device=self.z.device)
@@ -241,6 +249,11 @@ class LowRankFactor:
     def estimated_losses(self, errors: torch.Tensor) -> torch.Tensor:
         projected = errors @ self.z_own
         return (projected * projected).sum(1) + (errors * errors) @ self.residual_own
+
+    def exact_losses(self, errors: torch.Tensor) -> torch.Tensor:
+        z, residual = self.exact
+        projected = errors @ z
+        return (projected * projected).sum(1) + (errors * errors) @ residual
 
     def start_gradient(self, errors: torch.Tensor) -> None:
         self._s = self.z.T @ errors
@@ -298,14 +311,3 @@ def _round_block(targets: torch.Tensor, weights: torch.Tensor, coupling: torch.T
             weights[j] -= q[j]
         if c1 < size:
             targets[c1:].addmm_(coupling[c0:c1, c1:].T, weights[c0:c1])
-
-
-def exact_row_losses(stats: InputStatistics, errors: torch.Tensor) -> torch.Tensor:
-    """tr(e H e^T) per row of float64 errors in the input's own column order, from the statistics as stored."""
-    device = errors.device
-    if stats.second_moment is not None:
-        h = stats.second_moment.to(device=device, dtype=torch.float64)
-        return ((errors @ h) * errors).sum(1)
-    projected = errors @ stats.eigenvectors.to(device=device, dtype=torch.float64)
-    return (projected * projected) @ stats.eigenvalues.to(device=device, dtype=torch.float64) + (errors * errors) @ stats.residual.to(device=device, dtype=torch.float64)
-

@@ -37,6 +37,7 @@ def coordinate_descent(
     """
     n, rows = errors.shape
     change = torch.zeros(rows, dtype=torch.float64, device=errors.device)
+    toward = torch.tensor([math.inf, -math.inf], dtype=q.dtype, device=q.device)  # made once: no copy per block
     factor.start_gradient(errors)
     for sweep in range(1, sweeps + 1):
         moves = torch.zeros((), dtype=torch.int64, device=errors.device)
@@ -45,7 +46,7 @@ def coordinate_descent(
             changes = torch.zeros(b1 - b0, rows, dtype=errors.dtype, device=errors.device)
             g = factor.gradient(b0, b1, errors)
             h = factor.hessian_block(b0, b1)
-            _descend_block(errors[b0:b1], q[b0:b1], g, h, changes, inner, neighbours_only)
+            _descend_block(errors[b0:b1], q[b0:b1], g, h, changes, toward, inner, neighbours_only)
             steps = -changes  # E = W - Q: the values moved by -changes
             change -= (steps * (2 * g - steps * h.diagonal()[:, None])).sum(0).double()  # g: as each move saw it
             moves += torch.count_nonzero(changes)
@@ -58,17 +59,24 @@ def coordinate_descent(
 
 
 def _descend_block(
-    e: torch.Tensor, q: torch.Tensor, g: torch.Tensor, h: torch.Tensor, changes: torch.Tensor, inner: int, neighbours_only: bool
+    e: torch.Tensor,
+    q: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    changes: torch.Tensor,
+    toward: torch.Tensor,
+    inner: int,
+    neighbours_only: bool,
 ) -> None:
     """One pass over a block's columns, deciding each move from G as it stands then; `changes` receives
     the errors' changes (e and q are updated by the caller, vectorized). g ends holding each column's G
     at its decision."""
     size = e.shape[0]
     wide = e.dtype
-    up = torch.nextafter(q, torch.tensor(math.inf, dtype=q.dtype, device=q.device)).to(wide) - q.to(wide)  # inf past 65504
-    down = torch.nextafter(q, torch.tensor(-math.inf, dtype=q.dtype, device=q.device)).to(wide) - q.to(wide)
+    up = torch.nextafter(q, toward[0]).to(wide) - q.to(wide)  # inf past 65504
+    down = torch.nextafter(q, toward[1]).to(wide) - q.to(wide)
     threshold = (1 + MOVE_TOLERANCE) / 2 * h.diagonal()  # gain 2dG - d^2 H_jj > tol d^2 H_jj  <=>  d (G - t d) > 0
-    zero = torch.zeros((), dtype=wide, device=e.device)
+    zero = up.new_zeros(())
     for c0 in range(0, size, inner):
         c1 = min(c0 + inner, size)
         for j in range(c0, c1):

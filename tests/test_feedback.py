@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant_core.calibration import InputStatistics
-from quant_core.feedback import DenseFactor, LowRankFactor, error_feedback, exact_row_losses
+from quant_core.feedback import DenseFactor, LowRankFactor, error_feedback
 from quant_core.fp16 import round_to_fp16
 
 F64 = torch.float64
@@ -26,6 +26,11 @@ def full_statistics(n: int, seed: int) -> InputStatistics:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3 * n, n, generator=g, dtype=F64) @ torch.randn(n, n, generator=g, dtype=F64) * torch.logspace(0, -2, n, dtype=F64)
     return InputStatistics(3 * n, x.mean(0), second_moment=x.T @ x / x.shape[0])
+
+
+def exact_row_losses(stats: InputStatistics, errors: torch.Tensor) -> torch.Tensor:
+    """The objective per row, from the dense matrix the statistics stand for (independent of the factors)."""
+    return ((errors @ stats.hessian()) * errors).sum(1)
 
 
 def weights(m: int, n: int, seed: int) -> torch.Tensor:

@@ -4,10 +4,10 @@ updown's values stay next to their weights."""
 import pytest
 import torch
 
-from quant_core.feedback import DenseFactor, LowRankFactor, exact_row_losses
+from quant_core.feedback import DenseFactor, LowRankFactor
 from quant_core.fp16 import other_neighbour, round_to_fp16
 from quant_core.refine import coordinate_descent
-from test_feedback import F64, full_statistics, summary_statistics, weights
+from test_feedback import F64, exact_row_losses, full_statistics, summary_statistics, weights
 
 
 def descend(w: torch.Tensor, factor, sweeps: int, neighbours_only: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
