@@ -100,16 +100,21 @@ def test_inputs_that_are_always_zero_are_rounded_to_nearest(kind):
     assert not torch.equal(q[:, : n - dead], round_to_fp16(w[:, : n - dead]))  # the others do get feedback
 
 
-def test_float32_feedback_decides_like_float64():
-    """The same problem in float32 and float64: nearly every value identical, the objective the same to 1e-3."""
-    stats = summary_statistics(512, 32, 7)
+@pytest.mark.parametrize("kind", ["dense", "low rank"])
+def test_float32_feedback_decides_like_float64(kind):
+    """The same problem in float32 (factorization included for the dense factor) and float64: nearly
+    every value identical, the objective the same to 1e-3, and the loop's loss is the objective."""
+    stats = full_statistics(512, 7) if kind == "dense" else summary_statistics(512, 32, 7)
     w = weights(256, 512, 8).float().double()  # values float32 holds exactly
     results = {}
     for dtype in (F64, torch.float32):
-        factor = LowRankFactor.build(stats, 0.01, torch.device("cpu"), dtype)
-        q, losses = run(w, factor, dtype, block=128, inner=32)
+        if kind == "dense":
+            factor = DenseFactor.build(stats.hessian(), 0.01, dtype)
+        else:
+            factor = LowRankFactor.build(stats, 0.01, torch.device("cpu"), dtype)
+        q, losses = run(w, factor, dtype, block=128, inner=16)
         results[dtype] = (q, float(exact_row_losses(stats, w - q.to(F64)).sum()), float(losses.sum()))
     (q64, exact64, _), (q32, exact32, loop32) = results[F64], results[torch.float32]
-    assert (q64 != q32).double().mean() < 0.01
+    assert (q64 != q32).double().mean() < 0.05
     assert exact32 == pytest.approx(exact64, rel=1e-3)
-    assert loop32 == pytest.approx(exact32, rel=1e-4)  # the loss read off the loop is the objective
+    assert loop32 == pytest.approx(exact32, rel=1e-4)
