@@ -60,11 +60,12 @@ class ConvertOptions:
     device: str = "auto"
     overwrite: bool = False
     seed: int = 0
+    prescan: bool | None = None  # find every scale before writing; None: when the weights fit in available memory
 
     def settings(self) -> dict[str, object]:
         """What determines the output's values (recorded in the file's metadata)."""
         recorded = asdict(self)
-        for not_recorded in ("device", "overwrite"):
+        for not_recorded in ("device", "overwrite", "prescan"):
             recorded.pop(not_recorded)
         recorded["exclude"] = list(self.exclude)
         recorded["calib"] = Path(self.calib).name if self.calib else None
@@ -186,24 +187,44 @@ def _load_statistics(path: str, src: SafetensorsFile, plans: list[TensorPlan]) -
     return stats, matched
 
 
-def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
-    """Each quantized weight's scale exponent, found before any output is written.
+def _scale_exponent(src: SafetensorsFile, name: str, check_cancelled: Callable[[], None]) -> int:
+    try:
+        return choose_scale_exponent(abs_max(src.tensor(name), check_cancelled))
+    except ValueError as exc:
+        raise QuantError(
+            f"{src.path}: tensor '{name}' cannot be scaled to float16 ({exc}); "
+            f"fix the source or keep it unquantized with --exclude '^{re.escape(name)}$'"
+        ) from None
 
-    One cheap pass over the weights up front (the rounding pass that follows finds them in the page
-    cache): a NaN, an infinity or an unscalable value is reported before an hour of work, not after.
+
+def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None], prescan: bool | None) -> dict[str, int]:
+    """Each quantized weight's scale exponent, found before any output is written; {} to find each when it is reached.
+
+    The pass up front reports a NaN, an infinity or an unscalable value before an hour of work, and
+    costs little while the rounding pass that follows finds the weights in the page cache. When they
+    do not fit in available memory it would read the file from disk twice, so by default each scale
+    is then found right before its weight is rounded (from the same pages): a bad value stops the
+    conversion when it is reached, and the output is still never written.
     """
-    exponents = {}
-    for plan in plans:
-        if plan.action is not Action.QUANTIZE:
-            continue
-        try:
-            exponents[plan.name] = choose_scale_exponent(abs_max(src.tensor(plan.name), check_cancelled))
-        except ValueError as exc:
-            raise QuantError(
-                f"{src.path}: tensor '{plan.name}' cannot be scaled to float16 ({exc}); "
-                f"fix the source or keep it unquantized with --exclude '^{re.escape(plan.name)}$'"
-            ) from None
-    return exponents
+    weights = [plan for plan in plans if plan.action is Action.QUANTIZE]
+    if prescan is None:
+        available = available_memory_bytes()
+        prescan = available is None or sum(plan.entry.nbytes for plan in weights) <= available * 3 // 4
+        if not prescan:
+            log.info("the weights exceed available memory: each scale is checked when its weight is reached")
+    return {plan.name: _scale_exponent(src, plan.name, check_cancelled) for plan in weights} if prescan else {}
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable (what the page cache can hold without swapping), None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _quantize(
@@ -280,7 +301,7 @@ def convert_file(
         if calib is not None:
             report.settings.update(calib_model=calib.model, calib_tokens=calib.tokens, calib_layers=len(calibrated))
         layout = _plan_layout(src, plans, options.t5xxl, calibrated)
-        exponents = _scale_exponents(src, plans, check_cancelled)
+        exponents = _scale_exponents(src, plans, check_cancelled, options.prescan)
         metadata = build_metadata(src.metadata, TOOL_NAME, {**report.settings, "source": input_path.name})
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(plans):
@@ -292,7 +313,10 @@ def convert_file(
                     report.kept[plan.name] = "bias corrected with the calibration mean, source precision kept"
                 elif plan.action is Action.QUANTIZE:
                     stats = calib.for_layer(calibrated[plan.name]) if plan.name in calibrated else None
-                    weight = ScaledWeight(src.tensor(plan.name), exponents[plan.name], device, check_cancelled, stats)
+                    exponent = exponents.get(plan.name)
+                    if exponent is None:
+                        exponent = _scale_exponent(src, plan.name, check_cancelled)
+                    weight = ScaledWeight(src.tensor(plan.name), exponent, device, check_cancelled, stats)
                     q, scale, layer = _quantize(src, plan.name, weight, options.method, settings)
                     writer.write(plan.name, q)
                     bias = layer_name(plan.name) + ".bias"
