@@ -40,7 +40,7 @@ def coordinate_descent(
     toward = torch.tensor([math.inf, -math.inf], dtype=q.dtype, device=q.device)  # made once: no copy per block
     factor.start_gradient(errors)
     for sweep in range(1, sweeps + 1):
-        moves = torch.zeros((), dtype=torch.int64, device=errors.device)
+        before = change.sum()
         for b0 in range(0, n, block):
             b1 = min(b0 + block, n)
             changes = torch.zeros(b1 - b0, rows, dtype=errors.dtype, device=errors.device)
@@ -49,11 +49,10 @@ def coordinate_descent(
             _descend_block(errors[b0:b1], q[b0:b1], g, h, changes, toward, inner, neighbours_only)
             steps = -changes  # E = W - Q: the values moved by -changes
             change -= (steps * (2 * g - steps * h.diagonal()[:, None])).sum(0).double()  # g: as each move saw it
-            moves += torch.count_nonzero(changes)
             errors[b0:b1] += changes
             q[b0:b1] = (q[b0:b1].to(errors.dtype) + steps).to(q.dtype)  # exact: a float16 value one step away
             factor.moved(b0, b1, changes)
-        if int(moves) == 0:  # one synchronisation per sweep
+        if bool(change.sum() == before):  # no move: one synchronisation per sweep
             return change, sweep
     return change, sweeps
 
