@@ -32,7 +32,7 @@ import torch
 from .calibration import InputStatistics
 from .fp16 import FP16_MAX, round_to_fp16
 
-BLOCK_COLUMNS = 128  # columns per block: earlier blocks reach it through one product (64-256 measured alike)
+BLOCK_COLUMNS = 64  # columns per block: earlier blocks reach it through one product (64-256 measured alike)
 INNER_COLUMNS = 16  # columns updated one by one inside a block before a product spreads their errors
 FACTOR_BLOCK = 256  # columns per step of the low-rank factorization
 _DAMPING_RETRIES = 4  # more damping (x10 each) when float error makes H indefinite
@@ -256,6 +256,7 @@ class LowRankFactor:
         return (projected * projected).sum(1) + (errors * errors) @ residual
 
     def start_gradient(self, errors: torch.Tensor) -> None:
+        self._s = None  # the feedback's sum goes before its successor is made
         self._s = self.z.T @ errors
 
     def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
