@@ -69,7 +69,7 @@ class Factor(Protocol):
     # the undamped H for coordinate descent (refine.py), in act order and the work dtype
 
     def start_gradient(self, errors: torch.Tensor) -> None:
-        """Prepare `gradient` for the transposed errors [n, rows]."""
+        """Prepare `gradient` for the transposed errors [n, rows] (which `error_feedback` may have left)."""
 
     def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
         """(H E^T) rows b0:b1, [b1-b0, rows], from the current errors (and the moves `moved` was told of)."""
@@ -256,8 +256,8 @@ class LowRankFactor:
         return (projected * projected).sum(1) + (errors * errors) @ residual
 
     def start_gradient(self, errors: torch.Tensor) -> None:
-        self._s = None  # the feedback's sum goes before its successor is made
-        self._s = self.z.T @ errors
+        if self._s is None:  # after the feedback, its running sum S is already Z^T E^T of the final errors
+            self._s = self.z.T @ errors
 
     def gradient(self, b0: int, b1: int, errors: torch.Tensor) -> torch.Tensor:
         return torch.addmm(errors[b0:b1] * self.residual[b0:b1, None], self.z[b0:b1], self._s)
