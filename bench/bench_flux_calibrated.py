@@ -82,6 +82,9 @@ class Block(nn.Module):
         self.kind = kind
         for name, (rows, cols) in BLOCKS[kind].items():
             parent, _, leaf = name.rpartition(".")
+            if not parent:
+                self.add_module(leaf, nn.Linear(cols, rows))
+                continue
             if not hasattr(self, parent):
                 self.add_module(parent, nn.ModuleDict())
             getattr(self, parent)[leaf] = nn.Linear(cols, rows)
