@@ -43,6 +43,7 @@ DAMPING = 0.01  # default damping: added to diag(H), relative to its mean (GPTQ'
 TIE_TOLERANCE = 1e-3  # rows whose float32 losses agree this closely are compared again in float64
 REFINE_SWEEPS = 2  # coordinate-descent sweeps after error feedback (measured: README)
 UPDOWN_SWEEPS = 8
+_ROUNDING_ROWS = 64  # updown: columns of the transposed weight rounded at a time (bounds the temporaries)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,6 @@ def _round_with_statistics(weight: ScaledWeight, damping: float, sweeps: int, fe
     del w_t
     q, error_stats, fallback_rows = _keep_better_rows(weight, stats, factor, inexact, q_t, first, change, totals)
     return _outcome(q, error_stats, rtn_stats.error_sq, totals, fallback_rows, stats.count, sweeps_run)
-
-
-_ROUNDING_ROWS = 64  # columns of the transposed weight rounded at a time (bounds the temporaries)
 
 
 def _nearest_pass(weight: ScaledWeight) -> tuple[torch.Tensor, ErrorStats, torch.Tensor]:
