@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,13 +15,11 @@ from . import __version__
 from .calibration import CalibrationStatistics, statistics_for_weights
 from .errors import QuantError
 from .format import already_scaled_reason, build_metadata
-from .fp16 import choose_scale_exponent
 from .methods import DEFAULT, Method, resolve, rounding_settings
-from .peak_memory import peak_rss_bytes
+from .peak_memory import available_memory_bytes, peak_rss_bytes
 from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
-from .produce import Job, Produced
+from .produce import Job, Produced, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
-from .rounding import abs_max
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
 log = logging.getLogger(__name__)
@@ -40,6 +37,7 @@ class ConvertOptions:
     prefix: str = ""  # convert only tensors under this name prefix, and strip it (a checkpoint's component)
     device: str = "auto"
     overwrite: bool = False
+    prescan: bool | None = None  # find every scale before writing; None: when the weights fit in available memory
 
     def settings(self, method: Method, statistics: CalibrationStatistics | None) -> dict[str, object]:
         """What determines the output's values (recorded in the file's metadata); `method` as resolved."""
@@ -99,24 +97,24 @@ def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choice
     return matched
 
 
-def _scale_exponents(src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None]) -> dict[str, int]:
-    """Each quantized weight's scale exponent, found before any output is written.
+def _scale_exponents(
+    src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None], prescan: bool | None
+) -> dict[str, int]:
+    """Each quantized weight's scale exponent, found before any output is written; {} to find each when reached.
 
-    One cheap pass over the weights up front (the rounding pass that follows finds them in the page
-    cache): a NaN, an infinity or an unscalable value is reported before an hour of work, not after.
+    The pass up front reports a NaN, an infinity or an unscalable value before an hour of work, and
+    costs little while the rounding pass that follows finds the weights in the page cache. When they
+    do not fit in available memory it would read the file from disk twice, so by default each scale
+    is then found right before its weight is rounded (from the same pages): a bad value stops the
+    conversion when it is reached, and the output is still never written.
     """
-    exponents = {}
-    for plan in plans:
-        if plan.fate is not Fate.QUANTIZED:
-            continue
-        try:
-            exponents[plan.name] = choose_scale_exponent(abs_max(src.tensor(plan.name), check_cancelled))
-        except ValueError as exc:
-            raise QuantError(
-                f"{src.path}: tensor '{plan.name}' cannot be scaled to float16 ({exc}); "
-                f"fix the source or keep it unquantized with --exclude '^{re.escape(plan.name)}$'"
-            ) from None
-    return exponents
+    weights = [plan for plan in plans if plan.fate is Fate.QUANTIZED]
+    if prescan is None:
+        available = available_memory_bytes()
+        prescan = available is None or sum(plan.entry.nbytes for plan in weights) <= available * 3 // 4
+        if not prescan:
+            log.info("the weights exceed available memory: each scale is checked when its weight is reached")
+    return {plan.name: scale_exponent(src, plan.name, check_cancelled) for plan in weights} if prescan else {}
 
 
 def _no_check() -> None:
@@ -172,7 +170,7 @@ def convert_file(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
         layout = plan_layout(src, choices, options.t5xxl, calibrated)
-        exponents = _scale_exponents(src, layout.plans, check_cancelled)
+        exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
         job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         settings_recorded = {**report.settings, "source": input_path.name}
         metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights)

@@ -124,7 +124,7 @@ def learned_rounding(
     omega = torch.randn(n, width, generator=torch.Generator().manual_seed(settings["seed"])).to(weight.device)
     sketch = torch.empty(m, width, device=weight.device)
 
-    def sketch_rows(rows: slice, x: torch.Tensor) -> None:
+    def sketch_rows(rows: slice, x: torch.Tensor, nearest: torch.Tensor) -> None:
         sketch[rows] = x.float() @ omega
 
     q, stats = nearest_pass(weight, sketch_rows)

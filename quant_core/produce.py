@@ -8,6 +8,7 @@ producer here, chosen by the plan.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,14 +18,27 @@ import torch
 
 from .calibrated import bias_shift
 from .calibration import CalibrationStatistics, InputStatistics
+from .errors import QuantError
 from .format import MARKER_KEY, SCALE_DTYPE, marker_shape, scale_input_key, scale_weight_key
+from .fp16 import choose_scale_exponent
 from .methods import Method, for_weight
 from .report import LayerReport
-from .rounding import RoundingSettings, ScaledWeight
+from .rounding import RoundingSettings, ScaledWeight, abs_max
 from .safetensors_io import DTYPE_NAMES, OutputTensor, SafetensorsFile, TensorEntry, tensor_nbytes
 
 _SCALE = DTYPE_NAMES[SCALE_DTYPE]
 _FLOAT16 = DTYPE_NAMES[torch.float16]
+
+
+def scale_exponent(src: SafetensorsFile, name: str, check_cancelled: Callable[[], None] | None) -> int:
+    """The power-of-two exponent that puts the weight's largest magnitude at <= 65504; QuantError if none can."""
+    try:
+        return choose_scale_exponent(abs_max(src.tensor(name), check_cancelled))
+    except ValueError as exc:
+        raise QuantError(
+            f"{src.path}: tensor '{name}' cannot be scaled to float16 ({exc}); "
+            f"fix the source or keep it unquantized with --exclude '^{re.escape(name)}$'"
+        ) from None
 
 
 def declared(name: str, dtype: str, shape: tuple[int, ...]) -> OutputTensor:
@@ -48,6 +62,11 @@ class Job:
     recorded_layers: Mapping[str, str] = field(default_factory=dict)  # weight -> recorded layer in `statistics`
     exponents: Mapping[str, int] = field(default_factory=dict)  # weight -> its scale's exponent
     check_cancelled: Callable[[], None] | None = None
+
+    def exponent(self, weight: str) -> int:
+        """The weight's scale exponent: found up front, or now (from the pages the rounding reads next)."""
+        found = self.exponents.get(weight)
+        return found if found is not None else scale_exponent(self.src, weight, self.check_cancelled)
 
     def input_statistics(self, weight: str) -> InputStatistics | None:
         layer = self.recorded_layers.get(weight)
@@ -121,7 +140,7 @@ class ScaledFloat16:
     def produce(self, job: Job, entry: TensorEntry) -> Produced:
         name = entry.name
         statistics = job.input_statistics(name)
-        weight = ScaledWeight(job.src.tensor(name), job.exponents[name], job.device, job.check_cancelled)
+        weight = ScaledWeight(job.src.tensor(name), job.exponent(name), job.device, job.check_cancelled)
         q, layer = _round(job, entry, weight, statistics)
         scale = torch.tensor([layer.scale], dtype=SCALE_DTYPE)
         tensors: dict[str, torch.Tensor | memoryview] = {name: q}

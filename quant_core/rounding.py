@@ -128,12 +128,13 @@ RoundingMethod = Callable[[ScaledWeight, RoundingSettings, "InputStatistics | No
 
 
 def nearest_pass(
-    weight: ScaledWeight, each_chunk: Callable[[slice, torch.Tensor], None] | None = None
+    weight: ScaledWeight, each_chunk: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None
 ) -> tuple[torch.Tensor, ErrorStats]:
     """Round-to-nearest (ties to even) in one streamed pass: (float16 values on the CPU, their error statistics).
 
-    `each_chunk(rows, x)` sees every scaled chunk too, so a method that needs a pass of its own
-    over the weight (the learned search's sketch) shares this one instead of reading it twice.
+    `each_chunk(rows, x, nearest)` sees every scaled chunk and its rounding on the weight's device too,
+    so a method that needs a pass of its own over the weight (the learned search's sketch, calibrated
+    rounding's choice of rows) shares this one instead of reading it twice.
     """
     q = torch.empty(weight.shape, dtype=torch.float16)
     stats = ErrorStats()
@@ -142,7 +143,7 @@ def nearest_pass(
         stats.add(x, qc)
         q[rows] = qc.cpu()
         if each_chunk is not None:
-            each_chunk(rows, x)
+            each_chunk(rows, x, qc)
     return q, stats
 
 

@@ -249,3 +249,59 @@ def test_statistics_from_another_model_are_an_error(example_model, tmp_path):
     with pytest.raises(QuantError, match="'head' was recorded with 7 input features"):
         convert_file(example_model, tmp_path / "o.safetensors", ConvertOptions(method="calibrated"), statistics=stats)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_rows_round_to_nearest_reproduces_are_not_worked_on(caplog):
+    """A bfloat16 source lies on the scaled float16 grid: round-to-nearest is exact, returned without
+    touching the statistics (here unusable: they would be refused with a warning); rows that are not
+    exact are still calibrated."""
+    torch.manual_seed(0)
+    data = Anisotropic(64, seed=3)
+    layer = nn.Linear(64, 48)
+    good = recorded(layer, data)
+    broken = InputStatistics(good.count, good.mean, second_moment=torch.full((64, 64), math.nan, dtype=torch.float64))
+    w = layer.weight.detach().bfloat16().float()
+    with caplog.at_level("WARNING"):
+        out = calibrated_rounding(scaled(w), SETTINGS, broken)
+    assert torch.equal(out.q, round_nearest(scaled(w), SETTINGS).q) and out.stats.exact_fraction == 1.0
+    assert caplog.records == []
+
+    mixed = w.clone()
+    mixed[::2] = layer.weight.detach()[::2]  # even rows need rounding, odd rows are exact
+    weight = scaled(mixed)
+    out = calibrated_rounding(weight, SETTINGS, good)
+    rtn = round_nearest(weight, SETTINGS).q
+    assert torch.equal(out.q[1::2], rtn[1::2])
+    assert (calibration_loss(weight, good, out.q)[::2] < 0.5 * calibration_loss(weight, good, rtn)[::2]).all()
+    assert out.details["objective_ratio"] < 0.5
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_unusable_statistics_round_to_nearest_with_a_warning(summary, caplog):
+    n = 48
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
+    if summary:  # wider than twice its rank: the low-rank factor
+        stats = InputStatistics(10, nan, eigenvectors=torch.full((n, 4), math.nan, dtype=torch.float64), eigenvalues=nan[:4], residual=nan)
+    else:
+        stats = InputStatistics(10, nan, second_moment=torch.full((n, n), math.nan, dtype=torch.float64))
+    weight = scaled(torch.randn(20, n, generator=torch.Generator().manual_seed(1)))
+    with caplog.at_level("WARNING"):
+        out = calibrated_rounding(weight, SETTINGS, stats)
+    assert torch.equal(out.q, round_nearest(weight, SETTINGS).q)
+    assert "not positive definite" in caplog.text
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_source_and_damping_parameter(device):
+    """A float64 source is worked on in float64 (rounded once, correctly); more damping trusts the statistics less."""
+    torch.manual_seed(0)
+    data = Anisotropic(96, seed=6)
+    layer = nn.Linear(96, 40)
+    stats = recorded(layer, data)
+    w64 = layer.weight.detach().double() * (1 + 1e-9)  # not float32-representable
+    weight = scaled(w64, device)
+    assert weight.work_dtype == torch.float64
+    ratios = [calibrated_rounding(weight, SETTINGS, stats, damping=d).details["objective_ratio"] for d in (0.01, 10.0)]
+    assert ratios[0] < 0.2 and ratios[0] < ratios[1] <= 1.0
+    q = calibrated_rounding(weight, SETTINGS, stats).q
+    assert torch.isfinite(q).all() and q.dtype == torch.float16

@@ -91,6 +91,28 @@ def test_non_finite_weight_is_a_clear_error(save, tmp_path):
     assert list(tmp_path.iterdir()) == [src]  # no output, no temporary file
 
 
+@pytest.mark.parametrize("prescan", [True, False])
+def test_bad_value_in_the_last_weight_with_and_without_the_scan_up_front(prescan, save, tmp_path):
+    """Up front: refused before any tensor is converted. Without (weights beyond available memory:
+    the file is then read once): refused when that weight is reached. Never an output either way."""
+    src = save({"a.weight": torch.ones(8, 8), "b.weight": torch.ones(8, 8), "z.weight": torch.tensor([[1.0, float("nan")]])})
+
+    class Started:
+        names: list[str] = []
+
+        def tensor_started(self, name, index, total):
+            self.names.append(name)
+
+        def tensor_finished(self, name, index, total, layer):
+            pass
+
+    started = Started()
+    with pytest.raises(QuantError, match=r"'z\.weight'.*nan.*--exclude"):
+        convert_file(src, tmp_path / "out.safetensors", ConvertOptions(method="rtn", prescan=prescan), listener=started)
+    assert started.names == ([] if prescan else ["a.weight", "b.weight", "z.weight"])
+    assert list(tmp_path.iterdir()) == [src]
+
+
 def test_fp64_sources_round_correctly(save, tmp_path):
     w = torch.tensor([[1 + 2**-11 + 2**-40, 3.0]], dtype=torch.float64)
     src = save({"a.weight": w})
