@@ -150,7 +150,7 @@ def forwards(block: Block, count: int, tokens: int, first_seed: int):
 
 
 def worker_record(args: argparse.Namespace) -> None:
-    from quant_core.calibration import StatisticsRecorder
+    from quant_core.calibration import StatisticsRecorder, save_statistics
 
     block = Block(args.kind)
     block.load_state_dict(load_file(args.model))
@@ -160,7 +160,7 @@ def worker_record(args: argparse.Namespace) -> None:
         memory = recorder.memory_bytes
         stats = recorder.statistics(model=f"flux-shaped {args.kind} block")
     seconds = time.perf_counter() - started
-    stats.save(args.out)
+    save_statistics(stats, args.out)
     print(json.dumps({"seconds": seconds, "recorder_bytes": memory, "file_bytes": Path(args.out).stat().st_size}))
 
 
@@ -168,8 +168,14 @@ def worker_convert(args: argparse.Namespace) -> None:
     from quant_core import ConvertOptions, convert_file
 
     exclude = (args.exclude,) if args.exclude else ()
-    options = ConvertOptions(method=args.method, calib=args.calib or None, overwrite=True, device="cpu", exclude=exclude)
-    report = convert_file(args.model, args.out, options)
+    if "calib" in ConvertOptions.__dataclass_fields__:  # a --baseline-root checkout from before statistics objects
+        options = ConvertOptions(method=args.method, calib=args.calib or None, overwrite=True, device="cpu", exclude=exclude)
+        report = convert_file(args.model, args.out, options)
+    else:
+        from quant_core.calibration import load_statistics
+
+        options = ConvertOptions(method=args.method, overwrite=True, device="cpu", exclude=exclude)
+        report = convert_file(args.model, args.out, options, statistics=load_statistics(args.calib) if args.calib else None)
     layers = {layer.name: {"seconds": layer.seconds, "method": layer.method, "details": layer.details} for layer in report.layers}
     print(json.dumps({"seconds": report.seconds, "layers": layers}))
 
@@ -351,9 +357,9 @@ def _projected(rates: dict[int, float], model: list[tuple[tuple[int, int], int]]
 
 
 def _largest_input_bytes(path: Path) -> int:
-    from quant_core.calibration import CalibrationStatistics
+    from quant_core.calibration import load_statistics
 
-    stats = CalibrationStatistics.load(path)
+    stats = load_statistics(path)
     return max(stats.inputs[group].memory_bytes for group in stats.inputs)
 
 
