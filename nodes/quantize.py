@@ -6,6 +6,7 @@ from typing import Any
 
 from ..quant_core import ConvertOptions, convert_file
 from ..quant_core.calibration import CalibrationStatistics
+from ..quant_core.format import OUTPUT_FORMATS, SCALED
 from ..quant_core.methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS
 from ..quant_core.report import ConversionReport
 from .handles import CALIBRATION_TYPE, CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
@@ -44,10 +45,12 @@ def compute_device() -> str:
 
 
 class LearnedRoundingFP16:
-    """Converts the source to scaled FP16 with live progress; cancelling leaves no file behind."""
+    """Converts the source to scaled (or plain) FP16 with live progress; cancelling leaves no file behind."""
 
     DESCRIPTION = (
-        "Scaled FP16 conversion with learned rounding (power-of-two scale per weight), streamed tensor by tensor."
+        "FP16 conversion with learned rounding, streamed tensor by tensor. format scaled (a power-of-two scale "
+        "per weight) needs Scaled FP16 Loader: ComfyUI's UNETLoader/CLIPLoader ignore the scales and give "
+        "garbage. format plain loads with any loader."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (SCALED_TYPE, "STRING")
@@ -78,6 +81,14 @@ class LearnedRoundingFP16:
                     "STRING",
                     {"default": "", "multiline": True, "tooltip": "Regexes, one per line: kept unquantized"},
                 ),
+                "format": (
+                    list(OUTPUT_FORMATS),
+                    {
+                        "default": SCALED,
+                        "tooltip": "scaled: float16 + a scale per weight, load with Scaled FP16 Loader; plain: "
+                        "ordinary float16 that ComfyUI's own loaders read (weights it cannot hold stay as they are)",
+                    },
+                ),
             },
             "optional": {
                 "calibration": (
@@ -98,6 +109,7 @@ class LearnedRoundingFP16:
         t5xxl: bool,
         keep_distillation: bool,
         exclude: str,
+        format: str = SCALED,
         calibration: CalibrationStatistics | None = None,
         unique_id: str | None = None,
     ) -> dict[str, Any]:
@@ -111,6 +123,7 @@ class LearnedRoundingFP16:
             exclude=exclude_patterns(exclude),
             prefix=source.prefix,
             device=compute_device(),
+            format=format,
         )
         output = temp_output_path(source.name)
         report = convert_file(

@@ -15,6 +15,7 @@ from . import __version__
 from .calibration import load_statistics
 from .convert import ConvertOptions, convert_file, default_output_path
 from .errors import QuantError
+from .format import OUTPUT_FORMATS, SCALED
 from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
 from .report import LayerReport, report_path_for
 
@@ -30,13 +31,19 @@ class _ChosenMethod(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learned-rounding-fp16",
-        description="Convert safetensors weights to scaled float16 (power-of-two scales, learned rounding).",
+        description="Convert safetensors weights to float16, scaled (power-of-two scales) or plain, with learned rounding.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="Input safetensors file path.")
     parser.add_argument(
         "--output",
-        help="Output safetensors file path (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors).",
+        help="Output safetensors file path (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors; "
+        "plain format: without _scaled).",
+    )
+    parser.add_argument(
+        "--format", choices=list(OUTPUT_FORMATS), default=SCALED,
+        help="scaled: float16 + a power-of-two scale_weight per weight (needs this pack's loader); plain: ordinary "
+        "float16 any loader reads (a weight plain float16 cannot hold keeps its source precision).",
     )
     parser.add_argument("--keep_distillation", action="store_true", help="Keep Flux distillation layers in original precision.")
     parser.add_argument("--t5xxl", action="store_true", help="T5XXL mode: drop the decoder, keep norms/biases/embeddings.")
@@ -126,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         exclude=tuple(args.exclude),
         device=args.device,
         overwrite=args.overwrite,
+        format=args.format,
     )
-    output = args.output or default_output_path(args.input, args.keep_distillation)
+    output = args.output or default_output_path(args.input, args.keep_distillation, args.format)
     listener = TqdmListener(enabled=not args.quiet)
     try:
         statistics = load_statistics(args.calib) if args.calib else None

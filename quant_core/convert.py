@@ -14,11 +14,11 @@ import torch
 from . import __version__
 from .calibration import CalibrationStatistics, statistics_for_weights
 from .errors import QuantError
-from .format import already_scaled_reason, build_metadata
+from .format import OUTPUT_FORMATS, SCALED, already_scaled_reason, build_metadata
 from .methods import DEFAULT, Method, resolve, rounding_settings
 from .peak_memory import available_memory_bytes, peak_rss_bytes
 from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
-from .produce import Job, Produced, scale_exponent
+from .produce import Job, Produced, ScaledFloat16, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
@@ -38,10 +38,12 @@ class ConvertOptions:
     device: str = "auto"
     overwrite: bool = False
     prescan: bool | None = None  # find every scale before writing; None: when the weights fit in available memory
+    format: str = SCALED  # quant_core.format.OUTPUT_FORMATS: scaled_fp16, or plain float16 any loader reads
 
     def settings(self, method: Method, statistics: CalibrationStatistics | None) -> dict[str, object]:
         """What determines the output's values (recorded in the file's metadata); `method` as resolved."""
         return {
+            "format": self.format,
             "method": method.name,
             **rounding_settings(**self.rounding),
             "t5xxl": self.t5xxl,
@@ -69,12 +71,13 @@ def resolve_device(name: str) -> torch.device:
         raise QuantError(f"--device {name}: not a device name; use auto, cpu or cuda") from None
 
 
-def default_output_path(input_path: str | Path, keep_distillation: bool = False) -> Path:
-    """The original script's naming: <base>_float16_scaled_learned[_nodistill]_svd.safetensors."""
+def default_output_path(input_path: str | Path, keep_distillation: bool = False, output_format: str = SCALED) -> Path:
+    """The original script's naming: <base>_float16_scaled_learned[_nodistill]_svd.safetensors (plain: no _scaled)."""
     input_path = Path(input_path)
     base = input_path.with_suffix("") if input_path.suffix else input_path
     distill = "_nodistill" if keep_distillation else ""
-    return base.with_name(f"{base.name}_float16_scaled_learned{distill}_svd.safetensors")
+    scaled = "_scaled" if output_format == SCALED else ""
+    return base.with_name(f"{base.name}_float16{scaled}_learned{distill}_svd.safetensors")
 
 
 def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
@@ -108,7 +111,7 @@ def _scale_exponents(
     is then found right before its weight is rounded (from the same pages): a bad value stops the
     conversion when it is reached, and the output is still never written.
     """
-    weights = [plan for plan in plans if plan.fate is Fate.QUANTIZED]
+    weights = [plan for plan in plans if plan.fate is Fate.QUANTIZED and isinstance(plan.producer, ScaledFloat16)]
     if prescan is None:
         available = available_memory_bytes()
         prescan = available is None or sum(plan.entry.nbytes for plan in weights) <= available * 3 // 4
@@ -140,7 +143,7 @@ def convert_file(
     check_cancelled: Callable[[], None] = _no_check,
     report_json: bool = True,
 ) -> ConversionReport:
-    """Convert `input_path` to a scaled_fp16 file; returns the report.
+    """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns the report.
 
     `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
     calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
@@ -151,7 +154,11 @@ def convert_file(
     """
     started = time.perf_counter()
     input_path = Path(input_path)
-    output_path = Path(output_path) if output_path else default_output_path(input_path, options.keep_distillation)
+    if options.format not in OUTPUT_FORMATS:
+        raise QuantError(f"format '{options.format}': choose one of {', '.join(OUTPUT_FORMATS)}")
+    output_path = Path(output_path) if output_path else default_output_path(
+        input_path, options.keep_distillation, options.format
+    )
     method = resolve(options.method, statistics is not None)
     settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
@@ -169,11 +176,11 @@ def convert_file(
             report.settings.update(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
-        layout = plan_layout(src, choices, options.t5xxl, calibrated)
+        layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format)
         exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
         job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         settings_recorded = {**report.settings, "source": input_path.name}
-        metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights)
+        metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights, options.format)
         total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(layout.plans):

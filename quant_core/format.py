@@ -1,4 +1,6 @@
-"""The scaled_fp16 file format's names, constants and metadata, shared by the converter and the reader.
+"""The output formats' names, constants and metadata, shared by the converter and the reader.
+
+Two formats. **scaled** (`scaled_fp16`, the original script's and the default):
 
 - `<layer>.weight`: float16, the weight divided by its scale;
 - `<layer>.scale_weight`: float32 [1]; real weight = weight.float() * scale_weight;
@@ -8,6 +10,9 @@
 
 Files written by the original script also load: they carry `scale_weight` (value 1) on 1-D
 weights such as LayerNorm scales, and non-power-of-two scales.
+
+**plain** (`plain_fp16`): ordinary float16 tensors in real units, no scale tensors and no marker, so
+any loader reads it. A weight plain float16 cannot hold faithfully keeps its source dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from collections.abc import Iterable, Mapping
 import torch
 
 FORMAT_NAME = "scaled_fp16"
+PLAIN_FORMAT_NAME = "plain_fp16"
 FORMAT_VERSION = "1"
+SCALED, PLAIN = "scaled", "plain"  # --format / the node's input
+OUTPUT_FORMATS = {SCALED: FORMAT_NAME, PLAIN: PLAIN_FORMAT_NAME}  # -> the file's quant.format
 MARKER_KEY = "scaled_fp16"
 SCALE_WEIGHT = "scale_weight"  # a layer's parameter name, as ComfyUI's loaders see it
 SCALE_INPUT = "scale_input"
@@ -74,11 +82,15 @@ def already_scaled_reason(keys: Iterable[str]) -> str | None:
 
 
 def build_metadata(
-    source_metadata: Mapping[str, str], tool: str, settings: Mapping[str, object], scaled_weights: Iterable[str]
+    source_metadata: Mapping[str, str],
+    tool: str,
+    settings: Mapping[str, object],
+    scaled_weights: Iterable[str],
+    output_format: str = SCALED,
 ) -> dict[str, str]:
     """Source metadata kept as is (other tools read it), plus what this conversion was and which weights it scaled."""
     meta = {k: v for k, v in source_metadata.items() if not k.startswith("quant.")}
-    meta[META_FORMAT] = FORMAT_NAME
+    meta[META_FORMAT] = OUTPUT_FORMATS[output_format]
     meta[META_FORMAT_VERSION] = FORMAT_VERSION
     meta[META_TOOL] = tool
     meta[META_SETTINGS] = json.dumps(dict(settings), sort_keys=True)

@@ -5,8 +5,9 @@ dtypes and shapes alone, following the original script: every 2-D `.weight` is q
 drops the decoder and keeps norms, biases and embeddings; `--keep_distillation` keeps Flux's
 distillation layers in their original precision with `scale_weight` 1; `--exclude` keeps user-chosen
 tensors. The layout (`plan_layout`) then gives each tensor its fate and producer
-(`quant_core.produce`), looking at values only to tell whether a float16 cast would be exact, and at
-which weights have statistics (their biases are corrected). The converter writes what it says.
+(`quant_core.produce`), looking at values only to tell whether a float16 cast would be exact (and,
+in the plain format, whether plain float16 holds a weight faithfully), and at which weights have
+statistics (their biases are corrected). The converter writes what it says.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QuantError
-from .format import WEIGHT_SUFFIX, layer_name, scale_weight_key
-from .fp16 import exact_fp16_cast
-from .produce import CastToFloat16, Copy, CopyWithUnitScale, Marker, Producer, ScaledFloat16
-from .rounding import CHUNK_ELEMENTS
+from .format import PLAIN, SCALED, WEIGHT_SUFFIX, layer_name, scale_weight_key
+from .fp16 import FP16_MAX, exact_fp16_cast, round_to_fp16, work_dtype_for
+from .produce import CastToFloat16, Copy, CopyWithUnitScale, Marker, PlainFloat16, Producer, ScaledFloat16
+from .rounding import CHUNK_ELEMENTS, ErrorStats
 from .safetensors_io import OutputTensor, SafetensorsFile, TensorEntry
 
 T5XXL_DROP_NAMES = ("decoder", "lm_head")
@@ -65,6 +67,7 @@ class Fate(str, enum.Enum):
     QUANTIZED = "quantized"
     CAST = "cast"  # to float16, exactly
     KEPT = "kept"
+    NOT_PLAIN = "kept_in_source_precision"  # a weight plain float16 cannot hold (the scaled format would)
     DROPPED = "dropped"
 
 
@@ -161,34 +164,81 @@ def choose(entries: Iterable[TensorEntry], selection: Selection) -> list[Choice]
 
 
 BIAS_CORRECTED = "bias corrected with the calibration mean, source precision kept"
+# Plain float16 keeps a weight faithfully when round-to-nearest's relative error (Frobenius) is at most
+# twice float16's unit roundoff 2^-11: in its normal range no tensor can exceed 2^-11, so anything
+# beyond 2^-10 is lost to the subnormal range (values below 2^-14), where the scaled format keeps
+# every value at float16's full relative precision.
+PLAIN_ERROR_LIMIT = 2.0**-10
 
 
-def plan_layout(src: SafetensorsFile, choices: list[Choice], t5xxl: bool, calibrated: Collection[str] = ()) -> Layout:
-    """Each tensor's fate and producer; `calibrated`: quantized weights with input statistics (biases corrected)."""
-    biases = _biases_to_correct(src, choices, calibrated)
+def plan_layout(
+    src: SafetensorsFile,
+    choices: list[Choice],
+    t5xxl: bool,
+    calibrated: Collection[str] = (),
+    output_format: str = SCALED,
+) -> Layout:
+    """Each tensor's fate and producer; `calibrated`: quantized weights with input statistics (biases corrected).
+
+    In the plain format a weight plain float16 cannot hold faithfully keeps its source precision
+    (found here, by reading its values: the file's header depends on it).
+    """
+    plain = output_format == PLAIN
+    not_plain = {
+        choice.name: problem
+        for choice in choices
+        if plain and choice.action is Action.QUANTIZE and (problem := plain_float16_problem(src, choice.name))
+    }
+    biases = _biases_to_correct(src, choices, [w for w in calibrated if w not in not_plain])
     corrected = {weight: bias for bias, weight in biases.items()}
     plans = []
     for choice in choices:
         entry = choice.entry
         if choice.name in biases:  # written by its weight's producer
             plans.append(TensorPlan(entry, Fate.KEPT, BIAS_CORRECTED))
+        elif choice.name in not_plain:
+            reason = f"{not_plain[choice.name]}; source precision kept (--format scaled keeps it in float16)"
+            plans.append(TensorPlan(entry, Fate.NOT_PLAIN, reason, Copy()))
         elif choice.action is Action.QUANTIZE:
-            bias = corrected.get(choice.name)
-            producer = ScaledFloat16(t5xxl, src.entries[bias] if bias else None)
+            bias = src.entries[corrected[choice.name]] if choice.name in corrected else None
+            producer = PlainFloat16(bias) if plain else ScaledFloat16(t5xxl, bias)
             plans.append(TensorPlan(entry, Fate.QUANTIZED, choice.reason, producer))
         elif choice.action is Action.DROP:
             plans.append(TensorPlan(entry, Fate.DROPPED, choice.reason))
         elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(choice.name)):
             plans.append(TensorPlan(entry, Fate.CAST, choice.reason, CastToFloat16()))
         else:
-            producer = CopyWithUnitScale() if choice.unit_scale else Copy()
+            producer = CopyWithUnitScale() if choice.unit_scale and not plain else Copy()
             plans.append(TensorPlan(entry, Fate.KEPT, _kept_reason(choice), producer))
-    layout = Layout(plans, (Marker(t5xxl),))
+    layout = Layout(plans, () if plain else (Marker(t5xxl),))
     names = [t.name for t in layout.tensors]
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash is not None:
         raise QuantError(f"{src.path}: the output would hold two tensors named '{clash}'; rename or --exclude it")
     return layout
+
+
+def plain_float16_problem(src: SafetensorsFile, name: str) -> str | None:
+    """Why plain float16 cannot hold this weight faithfully (values beyond 65504, or lost to its subnormal
+    range), or None; QuantError for NaN or infinity, which no float16 format holds."""
+    flat = src.tensor(name).reshape(-1)
+    work = work_dtype_for(flat.dtype)
+    error = ErrorStats()
+    for i in range(0, flat.numel(), CHUNK_ELEMENTS):
+        x = flat[i : i + CHUNK_ELEMENTS].to(work)
+        low, high = torch.aminmax(x)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise QuantError(
+                f"{src.path}: tensor '{name}' holds NaN or infinity and cannot be converted to float16; "
+                f"fix the source or keep it unquantized with --exclude '^{re.escape(name)}$'"
+            )
+        largest = max(-float(low), float(high))
+        if largest > FP16_MAX:
+            return f"values up to {largest:.6g} exceed float16's largest, 65504"
+        error.add(x, round_to_fp16(x))
+    if error.relative_error > PLAIN_ERROR_LIMIT:
+        return f"relative error {error.relative_error:.2e} in plain float16 (values in its subnormal range) exceeds 2^-10"
+    return None
 
 
 def _casts_exactly(tensor: torch.Tensor) -> bool:

@@ -129,27 +129,35 @@ class ScaledFloat16:
     bias: TensorEntry | None = None
 
     def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
-        declared_outputs = [declared(entry.name, _FLOAT16, entry.shape)]
-        if self.bias is not None:
-            declared_outputs.append(as_stored(self.bias))  # a corrected bias keeps its source dtype
-        declared_outputs.append(declared(scale_weight_key(entry.name), _SCALE, (1,)))
+        declared_outputs = [*_rounded_outputs(entry, self.bias), declared(scale_weight_key(entry.name), _SCALE, (1,))]
         if self.scale_input:
             declared_outputs.append(declared(scale_input_key(entry.name), _SCALE, (1,)))
         return tuple(declared_outputs)
 
     def produce(self, job: Job, entry: TensorEntry) -> Produced:
-        name = entry.name
-        statistics = job.input_statistics(name)
-        weight = ScaledWeight(job.src.tensor(name), job.exponent(name), job.device, job.check_cancelled)
-        q, layer = _round(job, entry, weight, statistics)
-        scale = torch.tensor([layer.scale], dtype=SCALE_DTYPE)
-        tensors: dict[str, torch.Tensor | memoryview] = {name: q}
-        if self.bias is not None:
-            tensors[self.bias.name] = _corrected_bias(job.src, self.bias.name, weight, q, statistics.mean)
-        tensors[scale_weight_key(name)] = scale
+        produced = _rounded(job, entry, job.exponent(entry.name), self.bias)
+        scale = torch.tensor([produced.layer.scale], dtype=SCALE_DTYPE)
+        produced.tensors[scale_weight_key(entry.name)] = scale
         if self.scale_input:
-            tensors[scale_input_key(name)] = scale
-        return Produced(tensors, layer)
+            produced.tensors[scale_input_key(entry.name)] = scale
+        return produced
+
+
+@dataclass(frozen=True)
+class PlainFloat16:
+    """A weight rounded to plain float16 in real units: the float16 grid itself (scale 1, subnormals included).
+
+    The plan chooses it only for weights plain float16 holds faithfully (`quant_core.plan`). `bias`: as
+    for ScaledFloat16.
+    """
+
+    bias: TensorEntry | None = None
+
+    def outputs(self, entry: TensorEntry) -> tuple[OutputTensor, ...]:
+        return _rounded_outputs(entry, self.bias)
+
+    def produce(self, job: Job, entry: TensorEntry) -> Produced:
+        return _rounded(job, entry, 0, self.bias)
 
 
 @dataclass(frozen=True)
@@ -165,15 +173,24 @@ class Marker:
         return Produced({MARKER_KEY: torch.zeros(marker_shape(self.t5xxl), dtype=torch.float16)})
 
 
-def _round(
-    job: Job, entry: TensorEntry, weight: ScaledWeight, statistics: InputStatistics | None
-) -> tuple[torch.Tensor, LayerReport]:
-    """The weight's float16 values by the job's method (data-free where it has no statistics), and its report."""
+def _rounded_outputs(entry: TensorEntry, bias: TensorEntry | None) -> tuple[OutputTensor, ...]:
+    """The float16 weight, and its corrected bias in the bias's source dtype."""
+    return (declared(entry.name, _FLOAT16, entry.shape), *([as_stored(bias)] if bias is not None else []))
+
+
+def _rounded(job: Job, entry: TensorEntry, exponent: int, bias: TensorEntry | None) -> Produced:
+    """The weight's float16 values at scale 2**exponent by the job's method (data-free where it has no
+    statistics), its corrected bias, and its report."""
     started = time.perf_counter()
+    statistics = job.input_statistics(entry.name)
+    weight = ScaledWeight(job.src.tensor(entry.name), exponent, job.device, job.check_cancelled)
     method = for_weight(job.method, statistics is not None)
     outcome = method.round(weight, job.settings, statistics)
-    scale = 2.0**weight.exponent
+    scale = 2.0**exponent
     stats = outcome.stats
+    tensors: dict[str, torch.Tensor | memoryview] = {entry.name: outcome.q}
+    if bias is not None:
+        tensors[bias.name] = _corrected_bias(job.src, bias.name, weight, outcome.q, statistics.mean)
     layer = LayerReport(
         name=entry.name,
         shape=list(weight.shape),
@@ -189,7 +206,7 @@ def _round(
         reference_sq=stats.reference_sq * scale**2,
         details=outcome.details,
     )
-    return outcome.q, layer
+    return Produced(tensors, layer)
 
 
 def _corrected_bias(

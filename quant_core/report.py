@@ -39,6 +39,7 @@ class ConversionReport:
     settings: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # tensor -> why it was not quantized
+    not_plain: dict[str, str] = field(default_factory=dict)  # weight -> why plain float16 cannot hold it (plain format)
     cast_to_fp16: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -52,6 +53,8 @@ class ConversionReport:
             self.cast_to_fp16.append(name)
         elif fate == "dropped":
             self.dropped.append(name)
+        elif fate == "kept_in_source_precision":
+            self.not_plain[name] = reason
         else:
             self.kept[name] = reason
 
@@ -82,6 +85,7 @@ class ConversionReport:
             "quantized": len(self.layers),
             "cast_to_fp16": len(self.cast_to_fp16),
             "kept": len(self.kept),
+            "kept_in_source_precision": len(self.not_plain),
             "dropped": len(self.dropped),
             "quantized_elements": self.quantized_elements,
             "exact_fraction": self.exact_fraction,
@@ -93,7 +97,7 @@ class ConversionReport:
 
     def summary_lines(self) -> list[str]:
         s = self.summary()
-        return [
+        lines = [
             f"output: {self.output}",
             f"tensors: {s['quantized']} quantized, {s['cast_to_fp16']} cast to fp16 (exact), "
             f"{s['kept']} kept as is, {s['dropped']} dropped",
@@ -102,6 +106,14 @@ class ConversionReport:
             "rounding: " + (", ".join(f"{method} {count}" for method, count in s["methods"].items()) or "none"),
             f"time: {s['seconds']:.2f} s, peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB",
         ]
+        if self.not_plain:
+            names = list(self.not_plain)
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            lines.append(
+                f"{len(names)} weights kept in source precision: plain float16 cannot hold them faithfully "
+                f"(--format scaled keeps them in float16): {shown}"
+            )
+        return lines
 
     def to_json(self) -> str:
         data = {
@@ -111,6 +123,7 @@ class ConversionReport:
             "summary": self.summary(),
             "layers": [asdict(layer) for layer in self.layers],
             "kept": self.kept,
+            "kept_in_source_precision": self.not_plain,
             "cast_to_fp16": self.cast_to_fp16,
             "dropped": self.dropped,
         }

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from anisotropic import Anisotropic, recorded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -21,26 +22,6 @@ from quant_core.report import report_path_for
 from quant_core.rounding import ScaledWeight, abs_max, round_nearest
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-class Anisotropic:
-    """Correlated inputs whose principal variances span three decades, with a non-zero mean."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.g = torch.Generator().manual_seed(seed)
-        rotation = torch.linalg.qr(torch.randn(n, n, generator=self.g)).Q
-        self.mix = rotation * torch.logspace(0, -3, n)[:, None]
-        self.mean = torch.randn(n, generator=self.g) * 0.5
-
-    def draw(self, tokens: int) -> torch.Tensor:
-        return torch.randn(tokens, self.mix.shape[0], generator=self.g) @ self.mix + self.mean
-
-
-def recorded(layer: nn.Linear, data: Anisotropic, batches: int = 4, **kwargs) -> InputStatistics:
-    with StatisticsRecorder(layer, **kwargs) as recorder, torch.no_grad():
-        for _ in range(batches):
-            layer(data.draw(256))
-    return recorder.statistics().for_layer("")
 
 
 def scaled(w: torch.Tensor, device: str = "cpu") -> ScaledWeight:

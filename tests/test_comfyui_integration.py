@@ -75,6 +75,24 @@ def test_quantize_and_save_writes_loadable_files(server: Server, saved: dict) ->
     assert leftovers == []
 
 
+@pytest.fixture(scope="module")
+def saved_plain(server: Server, saved: dict) -> dict:
+    """Example workflow 1 with format plain: the same UNet and CLIP-L as ordinary float16 files."""
+    _, prompt = load_workflow("quantize_and_save")
+    for converter, saver, name in (("2", "3", "sd15_unet_plain"), ("5", "6", "sd15_clip_l_plain")):
+        prompt[converter]["inputs"]["format"] = "plain"
+        prompt[saver]["inputs"]["filename_prefix"] = name
+    return server.run(prompt)
+
+
+# variant -> (UNet, text encoder) loaded by ComfyUI's stock UNETLoader / CLIPLoader; "scaled": ScaledFP16Loader
+STOCK_LOADED = {
+    "original": ("tiny_sd15_fp32.safetensors", "clip_l_fp32.safetensors"),
+    "fp16": ("tiny_sd15_fp16.safetensors", "clip_l_fp32.safetensors"),
+    "plain": ("sd15_unet_plain_00001.safetensors", "sd15_clip_l_plain_00001.safetensors"),
+}
+
+
 def sampling_prompt(variant: str, lora_strength: float, tag: str) -> dict:
     """Example workflow 2 at CPU size, with our loader or ComfyUI's stock loaders (same weights)."""
     _, prompt = load_workflow("load_and_sample")
@@ -84,12 +102,9 @@ def sampling_prompt(variant: str, lora_strength: float, tag: str) -> dict:
     prompt["2"]["inputs"]["strength_model"] = lora_strength
     prompt["10"]["inputs"]["filename_prefix"] = f"latents/{tag}"
     if variant != "scaled":
-        unet = {"original": "tiny_sd15_fp32.safetensors", "fp16": "tiny_sd15_fp16.safetensors"}[variant]
+        unet, clip = STOCK_LOADED[variant]
         prompt["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
-        prompt["11"] = {
-            "class_type": "CLIPLoader",
-            "inputs": {"clip_name": "clip_l_fp32.safetensors", "type": "stable_diffusion"},
-        }
+        prompt["11"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "stable_diffusion"}}
         for node in prompt.values():
             for name, value in node["inputs"].items():
                 if value == ["1", 1]:
@@ -97,18 +112,23 @@ def sampling_prompt(variant: str, lora_strength: float, tag: str) -> dict:
     return prompt
 
 
-def test_scaled_model_samples_like_the_original_and_takes_loras_the_same_way(server: Server, saved: dict) -> None:
-    latents = {}
-    for variant in ("original", "fp16", "scaled"):
+@pytest.fixture(scope="module")
+def latents(server: Server, saved: dict, saved_plain: dict) -> dict[str, torch.Tensor]:
+    """Final latents of example workflow 2 (same seed) per loader variant, without and with the LoRA."""
+    result = {}
+    for variant in ("original", "fp16", "scaled", "plain"):
         for strength in (0.0, 1.0):
             tag = f"{variant}_lora{strength:g}"
             outputs = server.run(sampling_prompt(variant, strength, tag))
             (entry,) = outputs["10"]["latents"]
-            latents[tag] = load_file(str(server.base / "output" / entry["subfolder"] / entry["filename"]))[
+            result[tag] = load_file(str(server.base / "output" / entry["subfolder"] / entry["filename"]))[
                 "latent_tensor"
             ]
             assert outputs["9"]["images"], "the graph also decodes and saves the image"
+    return result
 
+
+def test_scaled_model_samples_like_the_original_and_takes_loras_the_same_way(latents: dict) -> None:
     def max_diff(a: str, b: str) -> float:
         return float((latents[a] - latents[b]).abs().max())
 
@@ -126,6 +146,25 @@ def test_scaled_model_samples_like_the_original_and_takes_loras_the_same_way(ser
     assert effect_error <= 0.05 * float(lora_effect.abs().max()), (
         "same effect (a LoRA added in stored units is ~scale x off)"
     )
+
+
+def test_plain_files_sample_with_comfyuis_own_loaders_like_the_scaled_files(latents: dict, saved_plain: dict) -> None:
+    """The plain format: ComfyUI's UNETLoader + CLIPLoader give the samples ScaledFP16Loader gives on the scaled
+    files of the same source, within the float16 level (a plain float16 copy's distance from the original)."""
+
+    def max_diff(a: str, b: str) -> float:
+        return float((latents[a] - latents[b]).abs().max())
+
+    fp16_level = max_diff("fp16_lora0", "original_lora0")
+    plain_vs_scaled = max_diff("plain_lora0", "scaled_lora0")
+    print(f"\nplain (stock loaders) vs scaled (ScaledFP16Loader): {plain_vs_scaled:.2e}; float16 level {fp16_level:.2e}")
+    assert plain_vs_scaled <= fp16_level
+    assert max_diff("plain_lora0", "original_lora0") <= 2 * fp16_level + 1e-5
+    lora_effect = latents["original_lora1"] - latents["original_lora0"]
+    plain_effect = latents["plain_lora1"] - latents["plain_lora0"]
+    assert float((plain_effect - lora_effect).abs().max()) <= 0.05 * float(lora_effect.abs().max())
+    for node in ("2", "5"):
+        assert saved_plain[node]["quant_report"][0]["summary"]["kept_in_source_precision"] == 0
 
 
 def test_cancel_during_quantization_leaves_no_file(server: Server, saved: dict) -> None:

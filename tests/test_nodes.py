@@ -237,6 +237,22 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
 
 
+def test_plain_format_through_the_nodes_is_read_by_comfyuis_own_layers(checkpoint: Path, comfy_env) -> None:
+    """format plain: no scales, and a weight beyond float16 (the net's `up`, 1.5e5) kept and named in the summary."""
+    (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
+    handle, summary = quantize(source, format="plain")["result"]
+    assert "1 weights kept in source precision" in summary and "up.weight" in summary
+    (name,) = SaveScaledFP16().save(handle, "tiny/plain", "diffusion_models")["result"]
+    saved = load_file(str(comfy_env["diffusion_models"] / name))
+    assert not any(k.endswith("scale_weight") for k in saved) and "scaled_fp16" not in saved
+    assert saved["up.weight"].dtype == torch.float32 and saved["down.weight"].dtype == torch.float16
+    original = load_net(tiny_net_weights(), comfy.ops.manual_cast)
+    plain = load_net(saved, comfy.ops.manual_cast)  # ComfyUI's own operations, no scales to apply
+    with torch.no_grad():
+        expected, got = original(IDS), plain(IDS)
+    assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
+
+
 def test_report_reaches_progress_bar_front_end_and_ui(checkpoint: Path, comfy_env) -> None:
     updates = []
     comfy.utils.set_progress_bar_global_hook(
