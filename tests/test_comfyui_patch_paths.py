@@ -9,6 +9,7 @@ stores patched weights (then that layer is float32 while patched).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from real_comfyui import require_comfyui, run_script
 require_comfyui()
 
 SCRIPT = Path(__file__).with_name("comfyui_patch_paths.py")
+ON_GPU = os.environ.get("COMFYUI_TEST_DEVICE") == "cuda"  # bench/gpu_check.sh: the same paths on CUDA
 MODELS = ("unet", "unet_bf16", "clip")  # unet_bf16: built in bfloat16, as with --bf16-unet
 PATHS = (
     "full load, float32 LoRA math",
@@ -32,7 +34,8 @@ MIXED_PATHS = ("partially_load", "partially_unload")  # some layers stored-patch
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[str, dict]:
-    return {model: run_script(SCRIPT, str(tmp_path_factory.mktemp(model)), model)["paths"] for model in MODELS}
+    device = ["cuda"] if ON_GPU else []
+    return {model: run_script(SCRIPT, str(tmp_path_factory.mktemp(model)), model, *device)["paths"] for model in MODELS}
 
 
 @pytest.mark.parametrize("path", PATHS)
