@@ -28,8 +28,28 @@ def source_choices() -> list[str]:
     return [f"{folder}/{name}" for folder in SOURCE_FOLDERS for name in safetensors_names(folder)]
 
 
+# A standalone file (diffusion_models/, text_encoders/) has no checkpoint prefix; its tensor names say
+# what it is: Hugging Face CLIP layouts start with text_model., T5 encoders with encoder.block. / shared.
+STANDALONE_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "text encoder: CLIP-L": ("text_model.",),
+    "text encoder: CLIP-G": ("text_model.",),
+    "text encoder: T5XXL": ("encoder.block.", "shared."),
+}
+
+
+def standalone_kind(names: list[str]) -> str | None:
+    """What a file without checkpoint prefixes holds ("diffusion model" or a text encoder), None for a checkpoint."""
+    prefixes = [p for ps in COMPONENTS.values() for p in ps if p]
+    if not names or any(n.startswith(tuple(prefixes)) for n in names):
+        return None
+    for component, starts in STANDALONE_TEXT_ENCODERS.items():
+        if any(n.startswith(starts) for n in names):
+            return component
+    return "diffusion model"
+
+
 def component_prefix(names: list[str], component: str, source: str) -> str:
-    """The prefix of `component` in a file with these tensor names."""
+    """The prefix of `component` in a file with these tensor names ("" for a standalone file of that kind)."""
     if component not in COMPONENTS:
         raise QuantError(f"component '{component}': choose one of {', '.join(COMPONENTS)}")
     if component == EVERYTHING:
@@ -37,8 +57,15 @@ def component_prefix(names: list[str], component: str, source: str) -> str:
     for prefix in COMPONENTS[component]:
         if any(n.startswith(prefix) for n in names):
             return prefix
+    kind = standalone_kind(names)
+    same_signature = kind in STANDALONE_TEXT_ENCODERS and STANDALONE_TEXT_ENCODERS[kind] == STANDALONE_TEXT_ENCODERS.get(
+        component
+    )
+    if kind == component or same_signature:  # CLIP-L and CLIP-G files look alike
+        return ""  # the whole file is that component
     tried = ", ".join(f"'{p}'" for p in COMPONENTS[component])
-    raise QuantError(f"{source}: no {component} in this file (no tensor starts with {tried}); choose 'everything'")
+    found = f"it is a standalone {kind} file" if kind else f"no tensor starts with {tried}"
+    raise QuantError(f"{source}: no {component} in this file ({found}); choose '{kind or EVERYTHING}'")
 
 
 class LoadCheckpointForQuant:
@@ -62,7 +89,8 @@ class LoadCheckpointForQuant:
                     list(COMPONENTS),
                     {
                         "default": "everything",
-                        "tooltip": "For full checkpoints: the part to convert (its prefix is stripped).",
+                        "tooltip": "For full checkpoints: the part to convert (its prefix is stripped). A standalone "
+                        "diffusion model or text encoder file is converted whole.",
                     },
                 ),
             }

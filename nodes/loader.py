@@ -75,7 +75,8 @@ class ScaledFP16Loader:
 
     DESCRIPTION = (
         "Load a scaled FP16 diffusion model (MODEL) and/or text encoders (CLIP): weights stay float16 in memory "
-        "and are dequantized when used; LoRAs apply as usual."
+        "and are dequantized when used; LoRAs apply as usual. Use it for scaled files: ComfyUI's UNETLoader and "
+        "CLIPLoader drop the scales and give garbage without an error. Plain files load here or anywhere."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP")

@@ -1,8 +1,9 @@
 """Where the nodes read and write: ComfyUI's own folders, never outside them. All file placement is here.
 
 File names arrive from the graph as strings (an API client can send anything), so every name is
-checked here: relative, no `..`, and the file it reaches (symlinks followed) must lie inside one of
-ComfyUI's model folders. Save prefixes are cleaned to plain file-name characters, and every save is
+checked here: relative, no `..`, and it must be one ComfyUI itself lists for that folder (which
+includes symlinked files on shared model drives and `extra_model_paths.yaml` folders, as ComfyUI's
+own loaders accept them). Save prefixes are cleaned to plain file-name characters, and every save is
 published the same way: a complete hidden file in the destination folder, renamed to the first free
 `<name>_NNNNN.safetensors`, so no file is ever replaced or seen half-written.
 """
@@ -47,33 +48,15 @@ def relative_name(name: str) -> PurePosixPath:
     return PurePosixPath(*kept)
 
 
-def model_roots() -> list[Path]:
-    """Real paths of every folder the pack may read from or write to (symlinked folders resolved)."""
-    fp = _folder_paths()
-    roots = [Path(fp.models_dir)]
-    for folder in (*SOURCE_FOLDERS, *DESTINATIONS[:-1]):
-        roots.extend(Path(p) for p in fp.get_folder_paths(folder))
-    return [r.resolve() for r in roots]
-
-
-def inside_model_folders(path: Path) -> bool:
-    real = path.resolve()
-    return any(real.is_relative_to(root) for root in model_roots())
-
-
 def resolve_model_file(folder: str, name: str) -> Path:
-    """The real path of `name` in one of ComfyUI's `folder` paths, or QuantError."""
-    rel = relative_name(name)
-    roots = _folder_paths().get_folder_paths(folder)
-    for root in roots:
-        candidate = Path(root, rel)
-        if candidate.is_file():
-            if not inside_model_folders(candidate):
-                raise QuantError(
-                    f"'{name}' in {folder} leads to {candidate.resolve()}, outside ComfyUI's model folders"
-                )
-            return candidate.resolve()
-    raise QuantError(f"'{name}' not found in {folder} ({', '.join(str(r) for r in roots)}); refresh the list")
+    """The path of `name` as ComfyUI lists and finds it in its `folder` paths, or QuantError."""
+    rel = relative_name(name).as_posix()
+    fp = _folder_paths()
+    found = fp.get_full_path(folder, rel) if rel in fp.get_filename_list(folder) else None
+    if found is None:
+        roots = ", ".join(fp.get_folder_paths(folder))
+        raise QuantError(f"'{name}' not found in {folder} ({roots}); refresh the list")
+    return Path(found)
 
 
 def safetensors_names(folder: str) -> list[str]:

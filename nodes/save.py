@@ -34,7 +34,11 @@ def save(handle: ScaledFP16File, filename_prefix: str, destination: str) -> tupl
 class SaveScaledFP16:
     """Saves where ScaledFP16Loader finds it (after a refresh), under a name no other file has."""
 
-    DESCRIPTION = "Save a scaled FP16 model into diffusion_models, text_encoders or output (never overwrites)."
+    DESCRIPTION = (
+        "Save a converted model into diffusion_models, text_encoders or output (never overwrites). A scaled file "
+        "loads only with Scaled FP16 Loader (ComfyUI's UNETLoader/CLIPLoader ignore its scales: garbage); a plain "
+        "one with any loader."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("filename",)

@@ -205,6 +205,27 @@ def test_component_selection_strips_the_checkpoint_prefix(checkpoint: Path) -> N
         LoadCheckpointForQuant().load("checkpoints/full.safetensors", "text encoder: T5XXL")
 
 
+@pytest.mark.parametrize(
+    ("folder", "keys", "component", "accepted"),
+    [
+        ("diffusion_models", ["input_blocks.0.0.weight", "out.2.weight"], "diffusion model", True),
+        ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "text encoder: CLIP-L", True),
+        ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "text encoder: CLIP-G", True),
+        ("text_encoders", ["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"], "text encoder: T5XXL", True),
+        ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "diffusion model", False),
+        ("diffusion_models", ["input_blocks.0.0.weight"], "text encoder: CLIP-L", False),
+    ],
+)
+def test_a_standalone_file_is_its_own_component(comfy_env, folder, keys, component, accepted) -> None:
+    save_file({k: torch.ones(2, 2) for k in keys}, str(comfy_env[folder] / "alone.safetensors"))
+    if accepted:
+        (source,) = LoadCheckpointForQuant().load(f"{folder}/alone.safetensors", component)
+        assert source.prefix == "" and source.tensors == len(keys)
+    else:
+        with pytest.raises(QuantError, match=r"it is a standalone .* file\); choose '(diffusion model|text encoder)"):
+            LoadCheckpointForQuant().load(f"{folder}/alone.safetensors", component)
+
+
 def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, comfy_env) -> None:
     (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
     out = quantize(source)

@@ -72,19 +72,27 @@ def test_checkpoint_node_refuses_escapes(model_file: str, dirs) -> None:
         LoadCheckpointForQuant().load(model_file, "everything")
 
 
-def test_symlink_out_of_the_model_folders_is_refused(dirs) -> None:
+def test_symlinked_files_comfyui_lists_are_accepted(dirs) -> None:
+    """Model files linked in from a shared drive: ComfyUI lists them and its loaders read them; so do the nodes."""
     (dirs["checkpoints"] / "link.safetensors").symlink_to(dirs["outside"] / "secret.safetensors")
-    with pytest.raises(QuantError, match="outside ComfyUI's model folders"):
-        LoadCheckpointForQuant().load("checkpoints/link.safetensors", "everything")
+    assert "checkpoints/link.safetensors" in LoadCheckpointForQuant.INPUT_TYPES()["required"]["model_file"][0]
+    (source,) = LoadCheckpointForQuant().load("checkpoints/link.safetensors", "everything")
+    assert source.tensors == 1 and Path(source.path).resolve() == (dirs["outside"] / "secret.safetensors").resolve()
     (dirs["text_encoders"] / "te.safetensors").symlink_to(dirs["outside"] / "secret.safetensors")
-    with pytest.raises(QuantError, match="outside ComfyUI's model folders"):
-        ScaledFP16Loader().load("None", "te.safetensors", "None", "stable_diffusion")
+    assert "te.safetensors" in ScaledFP16Loader.INPUT_TYPES()["required"]["clip_name"][0]
+
+
+def test_names_comfyui_does_not_list_are_not_found(dirs) -> None:
+    with pytest.raises(QuantError, match="not found in checkpoints"):
+        LoadCheckpointForQuant().load("checkpoints/secret.safetensors", "everything")  # it is in `outside`
+    with pytest.raises(QuantError, match="not found in checkpoints"):
+        LoadCheckpointForQuant().load("checkpoints/real.safetensors", "everything")  # it is in diffusion_models
 
 
 def test_symlink_between_model_folders_and_symlinked_folders_are_fine(dirs, tmp_path: Path) -> None:
     (dirs["checkpoints"] / "alias.safetensors").symlink_to(dirs["diffusion_models"] / "real.safetensors")
     (source,) = LoadCheckpointForQuant().load("checkpoints/alias.safetensors", "everything")
-    assert source.path == str((dirs["diffusion_models"] / "real.safetensors").resolve())
+    assert Path(source.path).resolve() == (dirs["diffusion_models"] / "real.safetensors").resolve()
     elsewhere = tmp_path / "big_disk"
     elsewhere.mkdir()
     save_file({"w.weight": torch.ones(2, 2)}, str(elsewhere / "far.safetensors"))
