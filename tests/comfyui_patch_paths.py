@@ -317,15 +317,16 @@ def how_patched(patcher, kind) -> dict[str, str]:
     return result
 
 
-def scaled_storage(loaded: Loaded) -> dict[str, int]:
-    """Bytes of the scaled Linear weights, per storage dtype (and the dtype ComfyUI stages them in)."""
+def scaled_storage(loaded: Loaded) -> tuple[dict[str, int], list[str]]:
+    """Bytes of the scaled Linear weights per storage dtype, and the dtypes ComfyUI would stage them in."""
     storage: dict[str, int] = {}
+    staged = set()
     for module in loaded.patcher.model.modules():
         if "scale_weight" in getattr(module, "_parameters", {}):
-            for dtype in {module.weight.dtype, getattr(module, "weight_comfy_model_dtype", module.weight.dtype)}:
-                name = str(dtype).removeprefix("torch.")
-                storage[name] = storage.get(name, 0) + module.weight.numel() * module.weight.element_size()
-    return storage
+            dtype = str(module.weight.dtype).removeprefix("torch.")
+            storage[dtype] = storage.get(dtype, 0) + module.weight.numel() * module.weight.element_size()
+            staged.add(str(getattr(module, "weight_comfy_model_dtype", module.weight.dtype)).removeprefix("torch."))
+    return storage, sorted(staged)
 
 
 def effect_agreement(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -360,7 +361,7 @@ def measure(kind) -> dict:
         for strength in STRENGTHS:
             with path(lambda convert, s=strength: kind.ours(s, convert)) as (loaded, unpatch):
                 outputs, output = probe(loaded, kind), loaded.run()
-                storage, mechanism = scaled_storage(loaded), how_patched(loaded.patcher, kind)
+                (storage, staged), mechanism = scaled_storage(loaded), how_patched(loaded.patcher, kind)
                 unpatch()
                 restored = loaded.run()
             per_strength[str(strength)] = {
@@ -370,6 +371,7 @@ def measure(kind) -> dict:
                 "finite": bool(torch.isfinite(output).all()) and all(bool(torch.isfinite(o).all()) for o in outputs.values()),
                 "unpatched_equal": bool(torch.equal(restored, our_base_output)),
                 "storage_bytes": storage,
+                "staged_dtypes": staged,
                 "patched_how": mechanism,
             }
         results[path_name] = per_strength

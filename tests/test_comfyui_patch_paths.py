@@ -58,6 +58,7 @@ def test_lora_acts_in_real_units_on_every_path(measured: dict, model: str, path:
         assert outcome["finite"], f"strength {strength}: inf/NaN in the output"
         assert outcome["unpatched_equal"], f"strength {strength}: unpatching did not restore the output exactly"
         storage = outcome["storage_bytes"]
+        assert outcome["staged_dtypes"] == ["float16"], "ComfyUI stages the layer in the dtype it stores"
         if path not in STORING_PATHS and not (path in MIXED_PATHS and "stored" in outcome["patched_how"].values()):
             assert set(storage) == {"float16"}, f"strength {strength}: {storage}"
         if strength == "1.0":
