@@ -173,17 +173,9 @@ def back_to_base(loaded: Loaded) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def full_load(make):
+def full_load(make, lora_dtype: torch.dtype = torch.float32):
     loaded = make(unchanged)
-    with lora_math(torch.float32):
-        loaded.patcher.patch_model(device_to=DEVICE)
-    yield loaded, back_to_base(loaded)
-
-
-@contextlib.contextmanager
-def full_load_float16_math(make):
-    loaded = make(unchanged)
-    with lora_math(torch.float16):
+    with lora_math(lora_dtype):
         loaded.patcher.patch_model(device_to=DEVICE)
     yield loaded, back_to_base(loaded)
 
@@ -285,7 +277,9 @@ def paths(kind) -> dict[str, Callable | str]:
     dynamic = dynamic_vram_path()
     return {
         "full load, float32 LoRA math": full_load,
-        "full load, float16 LoRA math": full_load_float16_math if have_float16_math else "no lora_compute_dtype",
+        "full load, float16 LoRA math": (lambda make: full_load(make, torch.float16))
+        if have_float16_math
+        else "no lora_compute_dtype",
         "patch_model(lowvram_model_memory=1)": lowvram,
         "partially_load": lambda make: partially_loaded(make, kind),
         "partially_unload": lambda make: partially_unloaded(make, kind),
