@@ -196,32 +196,40 @@ def mixed(loaded: Loaded, kind) -> bool:
 
 
 @contextlib.contextmanager
+def partially_loaded_or_unloaded(make, kind, start: Callable, adjust: Callable):
+    """`start`, then `adjust` with the first share of the model's memory that leaves some patched layers each way."""
+    loaded = make(unchanged)
+    patcher = loaded.patcher
+    for fraction in FRACTIONS:
+        start(patcher)
+        adjust(patcher, int(patcher.model_size() * fraction))
+        if mixed(loaded, kind):
+            break
+        patcher.unpatch_model(OFFLOAD)
+    yield loaded, back_to_base(loaded)
+
+
+def everything_lowvram(patcher) -> None:
+    patcher.patch_model(device_to=DEVICE, lowvram_model_memory=1)
+
+
+def everything_loaded(patcher) -> None:
+    with lora_math(torch.float32):
+        patcher.patch_model(device_to=DEVICE)
+
+
 def partially_loaded(make, kind):
-    """Everything lowvram, then `partially_load` with the first memory budget that loads some patched layers."""
-    loaded = make(unchanged)
-    patcher = loaded.patcher
-    for fraction in FRACTIONS:
-        patcher.patch_model(device_to=DEVICE, lowvram_model_memory=1)
-        patcher.partially_load(DEVICE, extra_memory=int(patcher.model_size() * fraction))
-        if mixed(loaded, kind):
-            break
-        patcher.unpatch_model(OFFLOAD)
-    yield loaded, back_to_base(loaded)
+    """Everything lowvram, then `partially_load` loads some patched layers."""
+    return partially_loaded_or_unloaded(
+        make, kind, everything_lowvram, lambda patcher, memory: patcher.partially_load(DEVICE, extra_memory=memory)
+    )
 
 
-@contextlib.contextmanager
 def partially_unloaded(make, kind):
-    """Full load, then `partially_unload` with the first amount that unloads some patched layers."""
-    loaded = make(unchanged)
-    patcher = loaded.patcher
-    for fraction in FRACTIONS:
-        with lora_math(torch.float32):
-            patcher.patch_model(device_to=DEVICE)
-        patcher.partially_unload(OFFLOAD, memory_to_free=int(patcher.model_size() * fraction))
-        if mixed(loaded, kind):
-            break
-        patcher.unpatch_model(OFFLOAD)
-    yield loaded, back_to_base(loaded)
+    """Full load, then `partially_unload` unloads some patched layers."""
+    return partially_loaded_or_unloaded(
+        make, kind, everything_loaded, lambda patcher, memory: patcher.partially_unload(OFFLOAD, memory_to_free=memory)
+    )
 
 
 @contextlib.contextmanager
