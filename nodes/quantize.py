@@ -29,11 +29,11 @@ def report_payload(report: ConversionReport) -> dict[str, Any]:
 
 
 def setting_inputs() -> dict[str, tuple[str, dict[str, Any]]]:
-    """One INT widget per offered rounding setting, as declared in quant_core.methods."""
+    """One INT widget per rounding setting offered in the node, as declared in quant_core.methods."""
     return {
         s.name: ("INT", {"default": s.default, "min": s.minimum, "max": s.maximum, "tooltip": s.help})
         for s in SETTINGS
-        if s.offered
+        if s.is_widget
     }
 
 
@@ -105,7 +105,6 @@ class LearnedRoundingFP16:
         method: str,
         num_iter: int,
         top_k: int,
-        calib_samples: int,
         t5xxl: bool,
         keep_distillation: bool,
         exclude: str,
@@ -117,7 +116,7 @@ class LearnedRoundingFP16:
 
         options = ConvertOptions(
             method=method,
-            rounding={"num_iter": num_iter, "top_k": top_k, "calib_samples": calib_samples},
+            rounding={"num_iter": num_iter, "top_k": top_k},
             t5xxl=t5xxl,
             keep_distillation=keep_distillation,
             exclude=exclude_patterns(exclude),

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Input statistics (quant_core.calibration): calibrated rounding by default, and bias correction.",
     )
     for setting in SETTINGS:
-        if setting.offered:
+        if setting.is_flag:
             used_by = methods_reading(setting)
             help_text = f"{setting.help} ({', '.join(used_by)})" if used_by else setting.help
             parser.add_argument(f"--{setting.name}", type=int, default=setting.default, help=help_text)
@@ -108,7 +108,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for setting in SETTINGS:
-        if setting.offered and getattr(args, setting.name) < setting.minimum:
+        if setting.is_flag and setting.has_effect and getattr(args, setting.name) < setting.minimum:
             parser.error(f"--{setting.name} must be >= {setting.minimum}")
     if not args.method_given:
         args.method = AUTO
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up the partial output like Ctrl-C does
     options = ConvertOptions(
         method=args.method,
-        rounding={setting.name: getattr(args, setting.name) for setting in SETTINGS if setting.offered},
+        rounding={setting.name: getattr(args, setting.name) for setting in SETTINGS if setting.is_flag and setting.has_effect},
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         exclude=tuple(args.exclude),

@@ -59,7 +59,7 @@ def run_node_graph(source: Path, output: Path) -> None:
     from learned_rounding_fp16_pack.nodes.save import SaveScaledFP16
 
     (handle,) = LoadCheckpointForQuant().load(f"checkpoints/{source.name}", "everything")
-    scaled = LearnedRoundingFP16().quantize(handle, "auto", 256, 1, 3072, False, False, "", unique_id="1")["result"][0]
+    scaled = LearnedRoundingFP16().quantize(handle, "auto", 256, 1, False, False, "", unique_id="1")["result"][0]
     saved = SaveScaledFP16().save(scaled, output.stem, "output")["result"][0]
     produced = output.parent / saved
     produced.rename(output)
