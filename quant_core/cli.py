@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import load_statistics
-from .convert import ConvertOptions, convert_file, default_output_path
+from .convert import ConvertOptions, convert_file, default_output_path, resolve_device
 from .errors import QuantError
 from .format import OUTPUT_FORMATS, SCALED
 from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         + f". With --calib the default is {WITH_STATISTICS}.",
     )
     parser.set_defaults(method_given=False)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, or cuda[:N].")
+    parser.add_argument(
+        "--device", default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N: the converter runs on CUDA or the CPU; the converted "
+        "file loads on any device.",
+    )
     parser.add_argument(
         "--exclude", action="append", default=[], metavar="REGEX",
         help="Keep tensors whose name matches REGEX unquantized (repeatable).",
@@ -138,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or default_output_path(args.input, args.keep_distillation, args.format)
     listener = TqdmListener(enabled=not args.quiet)
     try:
+        resolve_device(args.device)  # before the statistics are read
         statistics = load_statistics(args.calib) if args.calib else None
         report = convert_file(args.input, output, options, statistics=statistics, listener=listener)
     except QuantError as exc:

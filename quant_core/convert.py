@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,15 +61,27 @@ class ProgressListener(Protocol):
     def tensor_finished(self, name: str, index: int, total: int, layer: LayerReport | None) -> None: ...
 
 
+def is_supported_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N: the float64 parts of the work (exact scales, near ties) need CUDA or the CPU."""
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
 def resolve_device(name: str) -> torch.device:
+    """The compute device for `--device`; QuantError, before any work, for a device the converter cannot use."""
+    if not is_supported_device(name):
+        raise QuantError(
+            f"--device {name}: not supported; the converter runs on CUDA or the CPU (its float64 parts need one of "
+            "them): use auto, cpu, cuda or cuda:N. The converted file loads on any device."
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise QuantError(f"--device {name}: not a device name; use auto, cpu or cuda") from None
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuantError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise QuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ...")
+    return device
 
 
 def default_output_path(input_path: str | Path, keep_distillation: bool = False, output_format: str = SCALED) -> Path:
@@ -153,6 +166,7 @@ def convert_file(
     output location.
     """
     started = time.perf_counter()
+    device = resolve_device(options.device)
     input_path = Path(input_path)
     if options.format not in OUTPUT_FORMATS:
         raise QuantError(f"format '{options.format}': choose one of {', '.join(OUTPUT_FORMATS)}")
@@ -162,7 +176,6 @@ def convert_file(
     method = resolve(options.method, statistics is not None)
     settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
-    device = resolve_device(options.device)
     report = ConversionReport(str(input_path), str(output_path), options.settings(method, statistics))
 
     with SafetensorsFile(input_path) as src:

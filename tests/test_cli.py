@@ -83,3 +83,14 @@ def test_entry_points_end_to_end(entry, example_model, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "quantized" in result.stdout and out.exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "garbage", "cuda:x"])
+def test_devices_other_than_cuda_and_the_cpu_are_refused_up_front_in_one_line(device, example_model, tmp_path, capsys):
+    calib = tmp_path / "missing.calib.safetensors"  # never read: the device is refused first
+    out = tmp_path / "out.safetensors"
+    assert main(["--input", str(example_model), "--output", str(out), "--device", device, "--calib", str(calib)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}: not supported; the converter runs on CUDA or the CPU")
+    assert "loads on any device" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [example_model]

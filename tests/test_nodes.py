@@ -236,6 +236,17 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
 
 
+@pytest.mark.parametrize("comfy_device", ["mps", "xpu", "privateuseone:0"])  # privateuseone: DirectML
+def test_a_device_the_converter_cannot_use_falls_back_to_the_cpu(comfy_device, checkpoint, comfy_env, monkeypatch, caplog):
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device(comfy_device))
+    (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
+    with caplog.at_level("INFO"):
+        handle, summary = quantize(source, method="rtn")["result"]
+    assert "4 quantized" in summary and Path(handle.path).exists()
+    (line,) = [r.getMessage() for r in caplog.records if comfy_device in r.getMessage()]
+    assert "the conversion runs on the CPU" in line
+
+
 def test_plain_format_through_the_nodes_is_read_by_comfyuis_own_layers(checkpoint: Path, comfy_env) -> None:
     """format plain: no scales, and a weight beyond float16 (the net's `up`, 1.5e5) kept and named in the summary."""
     (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
