@@ -18,7 +18,18 @@ from .errors import QuantError
 from .format import OUTPUT_FORMATS, SCALED, already_scaled_reason, build_metadata
 from .methods import DEFAULT, Method, resolve, rounding_settings
 from .peak_memory import available_memory_bytes, peak_rss_bytes
-from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
+from .plan import (
+    Action,
+    Choice,
+    Fate,
+    Selection,
+    TensorPlan,
+    choose,
+    nothing_to_quantize,
+    plan_layout,
+    select_prefix,
+    unsupported_precision,
+)
 from .produce import Job, Produced, ScaledFloat16, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
 from .safetensors_io import SafetensorsFile, StreamingWriter
@@ -184,12 +195,22 @@ def convert_file(
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
         choices = choose(src.entries.values(), Selection(options.t5xxl, options.keep_distillation, options.exclude))
+        if not any(choice.action is Action.QUANTIZE for choice in choices):
+            raise nothing_to_quantize(str(input_path), choices)
+        unsupported = unsupported_precision(choices)
+        if unsupported:
+            log.warning(
+                "%d tensors in a precision this converter does not read (float8) are copied unchanged, e.g. '%s'",
+                len(unsupported), unsupported[0],
+            )
         calibrated = _match_statistics(statistics, src, choices) if statistics is not None else {}
         if statistics is not None:
             report.settings.update(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
         layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format)
+        if not any(plan.fate is Fate.QUANTIZED for plan in layout.plans):  # plain format: none it can hold
+            raise nothing_to_quantize(str(input_path), choices, [p.name for p in layout.plans if p.fate is Fate.NOT_PLAIN])
         exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
         job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         settings_recorded = {**report.settings, "source": input_path.name}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -33,8 +32,6 @@ T5XXL_DROP_NAMES = ("decoder", "lm_head")
 T5XXL_KEEP_NAMES = ("norm", "bias", "embed_tokens", "shared")
 DISTILLATION_NAMES = ("distilled_guidance_layer", "final_layer", "img_in", "txt_in")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-log = logging.getLogger(__name__)
 
 
 class Action(enum.Enum):
@@ -134,25 +131,35 @@ def is_quantizable_weight(entry: TensorEntry) -> bool:
     )
 
 
+# The rules' reasons for not quantizing a weight the user asked about, and what to do when no weight is left.
+T5XXL_DROPPED = "T5XXL decoder/lm_head tensor (--t5xxl)"
+DISTILLATION_KEPT = "distillation layer (--keep_distillation)"
+EXCLUDED = "excluded by --exclude"
+T5XXL_KEPT = "T5XXL norm/bias/embedding kept (--t5xxl)"
+_REMEDIES = {
+    EXCLUDED: "excluded by --exclude: check the patterns",
+    DISTILLATION_KEPT: "kept by --keep_distillation: convert without it",
+    T5XXL_DROPPED: "dropped by --t5xxl (decoder): convert without it",
+    T5XXL_KEPT: "kept by --t5xxl (norms, embeddings): convert without it",
+}
+_NOT_PLAIN_REMEDY = "that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled"
+
+
 def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.Pattern[str]]) -> Choice:
     name = entry.name
     if selection.t5xxl and any(s in name for s in T5XXL_DROP_NAMES):
-        return Choice(entry, Action.DROP, "T5XXL decoder/lm_head tensor (--t5xxl)")
+        return Choice(entry, Action.DROP, T5XXL_DROPPED)
     dtype = entry.torch_dtype
     if dtype is None or not dtype.is_floating_point:
         return Choice(entry, Action.KEEP, f"{entry.dtype} tensor copied unchanged")
     if dtype not in QUANTIZABLE_DTYPES:
-        reason = f"{entry.dtype} is not a supported source precision; copied unchanged"
-        log.warning("tensor '%s': %s", name, reason)
-        return Choice(entry, Action.KEEP, reason)
+        return Choice(entry, Action.KEEP, f"{entry.dtype} is not a supported source precision; copied unchanged")
     if selection.keep_distillation and any(s in name for s in DISTILLATION_NAMES):
-        return Choice(
-            entry, Action.KEEP, "distillation layer (--keep_distillation)", unit_scale=is_quantizable_weight(entry)
-        )
+        return Choice(entry, Action.KEEP, DISTILLATION_KEPT, unit_scale=is_quantizable_weight(entry))
     if any(p.search(name) for p in patterns):
-        return Choice(entry, Action.CAST_IF_EXACT, "excluded by --exclude", excluded=True)
+        return Choice(entry, Action.CAST_IF_EXACT, EXCLUDED, excluded=True)
     if selection.t5xxl and any(s in name for s in T5XXL_KEEP_NAMES):
-        return Choice(entry, Action.CAST_IF_EXACT, "T5XXL norm/bias/embedding kept (--t5xxl)")
+        return Choice(entry, Action.CAST_IF_EXACT, T5XXL_KEPT)
     if is_quantizable_weight(entry):
         return Choice(entry, Action.QUANTIZE, "2-D weight")
     return Choice(entry, Action.CAST_IF_EXACT, "not a 2-D weight")
@@ -161,6 +168,43 @@ def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.P
 def choose(entries: Iterable[TensorEntry], selection: Selection) -> list[Choice]:
     patterns = compile_patterns(selection.exclude)
     return [choose_for(e, selection, patterns) for e in entries]
+
+
+def unsupported_precision(choices: Iterable[Choice]) -> list[str]:
+    """Floating-point tensors in a precision the converter does not read (float8): copied unchanged."""
+    return [
+        c.name for c in choices if c.entry.torch_dtype is not None and c.entry.torch_dtype.is_floating_point
+        and c.entry.torch_dtype not in QUANTIZABLE_DTYPES
+    ]
+
+
+def nothing_to_quantize(source: str, choices: Sequence[Choice], not_plain: Collection[str] = ()) -> QuantError:
+    """The error for a conversion that would quantize no weight (its output would be the input in another
+    container): why, counted by cause over the file's 2-D weights, and what to do about each cause."""
+    causes: dict[str, int] = {}
+    for choice in choices:
+        entry = choice.entry
+        if not (entry.name.endswith(WEIGHT_SUFFIX) and len(entry.shape) == 2 and entry.numel > 0):
+            continue
+        if choice.name in not_plain:
+            cause = _NOT_PLAIN_REMEDY
+        elif choice.reason in _REMEDIES:
+            cause = _REMEDIES[choice.reason]
+        else:  # the only other way a 2-D weight is not quantized: its precision
+            precision = "float8" if entry.dtype.startswith("F8") else entry.dtype
+            cause = f"in {precision}: convert the original bf16/fp16/fp32 file"
+        causes[cause] = causes.get(cause, 0) + 1
+    if causes:
+        largest_first = sorted(causes.items(), key=lambda item: -item[1])
+        why = "; ".join(f"{count} weight{'s' if count > 1 else ''} {cause}" for cause, count in largest_first)
+    elif not choices:
+        why = "the file holds no tensors"
+    else:
+        why = (
+            f"none of its {len(choices)} tensors is a 2-D '.weight' (a Linear layer's weight), the kind this "
+            "converter quantizes"
+        )
+    return QuantError(f"{source}: no weight would be quantized, so nothing was written ({why})")
 
 
 BIAS_CORRECTED = "bias corrected with the calibration mean, source precision kept"

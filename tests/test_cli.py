@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from quant_core.cli import build_parser, main
@@ -94,3 +95,25 @@ def test_devices_other_than_cuda_and_the_cpu_are_refused_up_front_in_one_line(de
     assert err.startswith(f"error: --device {device}: not supported; the converter runs on CUDA or the CPU")
     assert "loads on any device" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == [example_model]
+
+
+def test_input_yielding_nothing_useful_is_refused_with_the_causes_counted(save, tmp_path, capsys):
+    """No weight would be quantized: one line (no warning per tensor) counting each cause and what to do."""
+    fp8 = {f"fp8.{i}.weight": torch.full((4, 4), 0.5).to(torch.float8_e4m3fn) for i in range(3)}
+    src = save({**fp8, "a.weight": torch.randn(4, 4), "b.weight": torch.randn(4, 4), "a.bias": torch.zeros(4)})
+    out = tmp_path / "out" / "o.safetensors"
+    assert main(["--input", str(src), "--output", str(out), "--exclude", r"^[ab]\."]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {src}: no weight would be quantized, so nothing was written (3 weights in float8: convert the original "
+        "bf16/fp16/fp32 file; 2 weights excluded by --exclude: check the patterns)\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_format_holding_no_weight_is_refused(save, tmp_path, capsys):
+    src = save({"big.weight": torch.full((4, 4), 1e5), "big.bias": torch.zeros(4)})
+    assert main(["--input", str(src), "--output", str(tmp_path / "o.safetensors"), "--format", "plain"]) == 1
+    err = capsys.readouterr().err
+    assert "1 weight that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled" in err
+    assert main(["--input", str(src), "--output", str(tmp_path / "o.safetensors"), "--format", "scaled", "-q"]) == 0

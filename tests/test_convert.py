@@ -131,6 +131,7 @@ def test_cast_if_exact_rule(save, tmp_path):
         "huge.bias": torch.tensor([1e6]),
         "nan.bias": torch.tensor([float("nan")]),
         "mask": torch.tensor([True, False]),
+        "linear.weight": torch.ones(2, 2),  # something to quantize, so there is an output at all
     })
     out, report = convert(src, tmp_path)
     t = load_file(str(out))
