@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import load_statistics
-from .convert import ConvertOptions, convert_file, default_output_path, resolve_device
+from .convert import ConvertOptions, convert_file, resolve_device
 from .errors import QuantError
 from .format import OUTPUT_FORMATS, SCALED
 from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="Input safetensors file path.")
     parser.add_argument(
         "--output",
-        help="Output safetensors file path (default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors; "
-        "plain format: without _scaled).",
+        help="Output safetensors file, or a folder (existing, or ending with /) to write the default name into. "
+        "Default: <input>_float16_scaled_learned[_nodistill]_svd.safetensors beside the input (plain format: "
+        "without _scaled).",
     )
     parser.add_argument(
         "--format", choices=list(OUTPUT_FORMATS), default=SCALED,
@@ -139,12 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         format=args.format,
     )
-    output = args.output or default_output_path(args.input, args.keep_distillation, args.format)
     listener = TqdmListener(enabled=not args.quiet)
     try:
         resolve_device(args.device)  # before the statistics are read
         statistics = load_statistics(args.calib) if args.calib else None
-        report = convert_file(args.input, output, options, statistics=statistics, listener=listener)
+        report = convert_file(args.input, args.output, options, statistics=statistics, listener=listener)
     except QuantError as exc:
         listener.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -156,5 +156,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener.close()
     if not args.quiet:
         print("\n".join(report.summary_lines()))
-        print(f"per-layer report: {report_path_for(output)}")
+        print(f"per-layer report: {report_path_for(report.output)}")
     return 0

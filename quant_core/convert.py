@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +33,7 @@ from .plan import (
 )
 from .produce import Job, Produced, ScaledFloat16, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
-from .safetensors_io import SafetensorsFile, StreamingWriter
+from .safetensors_io import SafetensorsFile, StreamingWriter, require_input_file
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,22 @@ def default_output_path(input_path: str | Path, keep_distillation: bool = False,
     return base.with_name(f"{base.name}_float16{scaled}_learned{distill}_svd.safetensors")
 
 
+def output_path_for(
+    input_path: str | Path, output: str | Path | None, keep_distillation: bool = False, output_format: str = SCALED
+) -> Path:
+    """Where the output goes: `output` as a file name; the default name inside it when it is an existing folder or
+    (as a string) ends with a path separator; the default name beside the input when it is None."""
+    default = default_output_path(input_path, keep_distillation, output_format)
+    if not output:
+        return default
+    text = os.fspath(output)
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or Path(text).is_dir():
+        return Path(text) / default.name
+    return Path(text)
+
+
 def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
-    if not input_path.is_file():
-        raise QuantError(f"{input_path}: input file not found")
+    require_input_file(input_path)
     if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
         raise QuantError(f"{output_path}: the output would replace the input; choose another --output")
     if output_path.exists() and not overwrite:
@@ -169,7 +183,8 @@ def convert_file(
 ) -> ConversionReport:
     """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns the report.
 
-    `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
+    `output_path`: a file, or a folder for the default name (`output_path_for`); the report's `output`
+    says where it went. `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
     calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
     between chunks of work and may raise to stop; the output is then never created. The report is
     also written as JSON beside the output unless `report_json` is False (ComfyUI's save node writes
@@ -181,9 +196,7 @@ def convert_file(
     input_path = Path(input_path)
     if options.format not in OUTPUT_FORMATS:
         raise QuantError(f"format '{options.format}': choose one of {', '.join(OUTPUT_FORMATS)}")
-    output_path = Path(output_path) if output_path else default_output_path(
-        input_path, options.keep_distillation, options.format
-    )
+    output_path = output_path_for(input_path, output_path, options.keep_distillation, options.format)
     method = resolve(options.method, statistics is not None)
     settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)

@@ -27,8 +27,12 @@ class StagedFile:
 
     def __init__(self, folder: str | os.PathLike, hint: str = ""):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.", suffix=".partial", dir=self.folder)
+        self.created_folders = _make_folders(self.folder)  # removed again (when empty) unless the file is placed
+        try:
+            self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.", suffix=".partial", dir=self.folder)
+        except BaseException:
+            _remove_empty(self.created_folders)
+            raise
         self.path: Path | None = Path(name)
 
     @classmethod
@@ -65,6 +69,7 @@ class StagedFile:
         else:
             _rename_no_clobber(self.path, target)
         self.path = None
+        self.created_folders = []  # they hold the file now
         return target
 
     def place_first_free(self, targets: Iterable[Path]) -> Path | None:
@@ -77,10 +82,13 @@ class StagedFile:
         return None
 
     def discard(self) -> None:
+        """Remove the file, and the folders created for it that are still empty."""
         self._close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        _remove_empty(self.created_folders)
+        self.created_folders = []
 
     def _close(self) -> None:
         """Flush to disk before the rename, so a crash cannot leave a complete name over incomplete data."""
@@ -96,6 +104,37 @@ class StagedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` with its missing parents; returns the ones this call created, deepest first."""
+    missing = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):  # outermost first
+            try:
+                path.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                continue
+            created.insert(0, path)
+        folder.mkdir(parents=True, exist_ok=True)  # raises what stands in the way (a file, no permission)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each folder (deepest first) if it is empty; a folder something else was put in stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: nor are the folders above it
 
 
 def write_atomically(target: str | os.PathLike, data: bytes) -> Path:

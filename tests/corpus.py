@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 NOT_SAFETENSORS = r"not a (valid )?safetensors file"
+PICKLE = r"a PyTorch pickle checkpoint must be exported to safetensors first"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ def _truncated(folder: Path) -> Path:
     return path
 
 
+def _torch_saved(zip_archive: bool) -> Callable[[Path], Path]:
+    """A PyTorch checkpoint (torch.save's zip archive, or the older bare pickle) under a safetensors name."""
+
+    def build(folder: Path) -> Path:
+        path = folder / "input.safetensors"
+        torch.save({"state_dict": {"a.weight": torch.ones(2, 2)}}, path, _use_new_zipfile_serialization=zip_archive)
+        return path
+
+    return build
+
+
 def _w(*shape: int, value: float | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(shape) + 1)
     if value is not None:
@@ -88,6 +100,8 @@ CASES: list[Case] = [
     ),
     Case("unknown-dtype", _raw(_header({"a": {**F32, "dtype": "Q7"}}, b"\0" * 8)), NOT_SAFETENSORS),
     Case("truncated-data", _truncated, NOT_SAFETENSORS),
+    Case("pytorch-zip-checkpoint", _torch_saved(zip_archive=True), NOT_SAFETENSORS + ".*" + PICKLE),
+    Case("pytorch-bare-pickle", _torch_saved(zip_archive=False), NOT_SAFETENSORS + ".*" + PICKLE),
     Case("nan-in-weight", _tensors({"bad.weight": _w(4, 4).index_fill(0, torch.tensor([1]), float("nan"))}), r"'bad\.weight'.*NaN|'bad\.weight'.*nan"),
     Case("inf-in-weight", _tensors({"bad.weight": _w(4, 4).index_fill(1, torch.tensor([2]), float("inf"))}), r"'bad\.weight'.*--exclude"),
     Case("fp64-beyond-float32-scales", _tensors({"huge.weight": _w(3, 3, value=1e300, dtype=torch.float64)}), r"'huge\.weight'.*cannot be scaled"),

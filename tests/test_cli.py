@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from quant_core import ConvertOptions, convert_file
 from quant_core.cli import build_parser, main
 from quant_core.convert import default_output_path
 
@@ -117,3 +118,45 @@ def test_plain_format_holding_no_weight_is_refused(save, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 weight that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled" in err
     assert main(["--input", str(src), "--output", str(tmp_path / "o.safetensors"), "--format", "scaled", "-q"]) == 0
+
+
+@pytest.mark.parametrize("given", ["new/", "existing", "existing/"])
+def test_output_folder_gets_the_default_name(given, example_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    assert main(["--input", str(example_model), "--output", given, "--method", "rtn"]) == 0
+    folder = tmp_path / given.rstrip("/")
+    name = default_output_path(example_model).name
+    assert sorted(p.name for p in folder.iterdir()) == [name.replace(".safetensors", ".report.json"), name]
+    assert "scaled_fp16" in load_file(str(folder / name))
+    assert f"per-layer report: {folder.name}/{name.replace('.safetensors', '.report.json')}" in capsys.readouterr().out
+
+
+def test_a_failed_run_removes_only_the_empty_folders_it_created(example_model, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+
+    def cancel_after_the_writing_started():
+        if any(existing.rglob("*.partial")):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_file(example_model, existing / "a" / "b" / "o.safetensors", ConvertOptions(method="rtn"),
+                     check_cancelled=cancel_after_the_writing_started)
+    assert list(existing.iterdir()) == [], "a/b were made by the run: removed; 'existing' was not: kept"
+
+
+def test_a_folder_as_input_says_so(tmp_path, capsys):
+    assert main(["--input", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}: is a folder; give the .safetensors file to convert\n"
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.pth", "pytorch_model.bin"])
+def test_a_pytorch_checkpoint_gets_the_hint_to_export_it(name, tmp_path, capsys):
+    checkpoint = tmp_path / name
+    torch.save({"state_dict": {"a.weight": torch.ones(2, 2)}}, checkpoint)
+    assert main(["--input", str(checkpoint), "--output", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a valid safetensors file" in err
+    assert "a PyTorch pickle checkpoint must be exported to safetensors first, from a file you trust" in err
+    assert "save_file(sd.get('state_dict', sd), 'model.safetensors')" in err
