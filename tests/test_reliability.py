@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.cli import main as cli_main
+from quant_core.staging import StagedFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,9 +169,7 @@ def test_disk_full_leaves_nothing(example_model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_run_leaves_nothing(sig: int, tmp_path: Path) -> None:
-    source = tmp_path / "big.safetensors"
-    g = torch.Generator().manual_seed(0)
-    save_file({f"l{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(24)}, str(source))
+    source = _big_model(tmp_path)
     before = sha256(source)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -185,6 +184,62 @@ def test_signal_mid_run_leaves_nothing(sig: int, tmp_path: Path) -> None:
     assert "no output was written" in err
     assert list(out_dir.iterdir()) == []
     assert sha256(source) == before
+
+
+def _big_model(folder: Path) -> Path:
+    source = folder / "big.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"l{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(24)}, str(source))
+    return source
+
+
+def test_a_killed_runs_partial_file_is_removed_by_the_next_run_which_says_so(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) leaves the hidden file; its process is gone, so the next run removes it."""
+    source = _big_model(tmp_path)
+    out_dir = tmp_path / "out"
+    output = out_dir / "o.safetensors"
+    proc = _cli(["--input", str(source), "--output", str(output), "-q"])
+
+    def written() -> int:  # bytes of data in the hidden file so far
+        return sum(p.stat().st_blocks * 512 for p in out_dir.glob(".*.partial")) if out_dir.exists() else 0
+
+    deadline = time.monotonic() + 120
+    while written() < 2**20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    proc.kill()
+    proc.communicate(timeout=60)
+    (left,) = out_dir.glob(".*.partial")
+    on_disk = left.stat().st_blocks * 512
+    rerun = _cli(["--input", str(source), "--output", str(output), "--method", "rtn"])
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    warning = [line for line in err.splitlines() if "stale" in line]
+    assert warning == [
+        f"WARNING: removed 1 stale partial file of o.safetensors in {out_dir}, left by an interrupted run "
+        f"({on_disk / 2**20:.1f} MiB freed)"
+    ]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["o.report.json", "o.safetensors"]
+
+
+def test_partial_files_of_live_processes_and_others_are_left_alone(example_model: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o.safetensors"
+    with StagedFile(tmp_path, output.name) as live:  # this process: alive
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        host, _pid, rest = live.path.name[len(".o.safetensors."):].replace("-", ".", 1).split(".", 2)
+        others = [
+            f".o.safetensors.{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}.abcdefgh.partial",  # other host
+            f".o.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.tmp",  # not our form
+            f".other.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.partial",  # another target
+            ".o.safetensors.abcdefgh.partial",  # no owner in the name
+        ]
+        for name in others:
+            (tmp_path / name).write_bytes(b"x")
+        stale = tmp_path / f".o.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.partial"
+        stale.write_bytes(b"x" * 5000)
+        convert_file(example_model, output, ConvertOptions(method="rtn"))
+        assert not stale.exists()
+        assert live.path.exists() and all((tmp_path / name).exists() for name in others)
 
 
 # --- random models, random corruption ----------------------------------------------------------
