@@ -33,7 +33,8 @@ from .plan import (
 )
 from .produce import Job, Produced, ScaledFloat16, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
-from .safetensors_io import SafetensorsFile, StreamingWriter, require_input_file
+from .safetensors_io import SafetensorsFile, StreamingWriter, file_size, require_input_file
+from .staging import free_bytes, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,19 @@ def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
         raise QuantError(f"{output_path}: output already exists; pass --overwrite to replace it")
     if output_path.is_dir():
         raise QuantError(f"{output_path}: output is a directory; give a file name")
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """QuantError before the work if the output (its size is known once the layout is) cannot fit where it goes."""
+    try:
+        free = free_bytes(folder)
+    except OSError:
+        return  # cannot be told here; writing reports a full disk if it comes to that
+    if free < needed:
+        raise QuantError(
+            f"{folder}: not enough free space for the output: {human_bytes(needed)} ({needed:,} bytes) needed, "
+            f"{human_bytes(free)} ({free:,} bytes) free; free some space there or write the output elsewhere"
+        )
 
 
 def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choices: list[Choice]) -> dict[str, str]:
@@ -224,10 +238,11 @@ def convert_file(
         layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format)
         if not any(plan.fate is Fate.QUANTIZED for plan in layout.plans):  # plain format: none it can hold
             raise nothing_to_quantize(str(input_path), choices, [p.name for p in layout.plans if p.fate is Fate.NOT_PLAIN])
-        exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
-        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         settings_recorded = {**report.settings, "source": input_path.name}
         metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights, options.format)
+        _check_free_space(output_path.parent, file_size(layout.tensors, metadata))
+        exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
+        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(layout.plans):

@@ -239,6 +239,29 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     return memoryview((ctypes.c_char * nbytes).from_address(flat.data_ptr())).cast("B"), flat
 
 
+def _file_layout(
+    tensors: Sequence[OutputTensor], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """The header (padded, without its length) of a file of these tensors, each one's (offset, size) in the
+    data, and the data's size: in the safetensors library's own order, so files are byte-identical to its."""
+    ordered = sorted(tensors, key=lambda t: (_dtype_rank(t.dtype), t.name))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offsets[t.name] = (offset, t.nbytes)
+        offset += t.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return header_bytes + b" " * (-len(header_bytes) % 8), offsets, offset
+
+
+def file_size(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> int:
+    """The size in bytes of the safetensors file StreamingWriter writes for these tensors and metadata."""
+    header_bytes, _, data_size = _file_layout(tensors, metadata)
+    return _HEADER_SIZE_BYTES + len(header_bytes) + data_size
+
+
 class StreamingWriter:
     """Writes a safetensors file whose header is fixed up front, tensor by tensor, atomically.
 
@@ -256,16 +279,7 @@ class StreamingWriter:
     ):
         self.target = Path(target)
         self.overwrite = overwrite
-        ordered = sorted(tensors, key=lambda t: (_dtype_rank(t.dtype), t.name))
-        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for t in ordered:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            self._offsets[t.name] = (offset, t.nbytes)
-            offset += t.nbytes
-        header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        header_bytes += b" " * (-len(header_bytes) % 8)
+        header_bytes, self._offsets, data_size = _file_layout(tensors, metadata)
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
         self._pending = set(self._offsets)
         self._staged: StagedFile | None = None
@@ -276,7 +290,7 @@ class StreamingWriter:
         try:
             self._write_at(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
             try:
-                os.ftruncate(self._staged.fd, self._data_start + offset)
+                os.ftruncate(self._staged.fd, self._data_start + data_size)
             except OSError as exc:
                 raise self._write_error(exc) from None
         except BaseException:

@@ -167,6 +167,14 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def free_bytes(folder: Path) -> int:
+    """Free space for this user where `folder` is (or will be created: its nearest existing parent)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
 def human_bytes(count: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:

@@ -213,3 +213,4 @@ def test_input_file_is_never_modified(example_model, tmp_path):
     before = example_model.read_bytes()
     convert(example_model, tmp_path, method="learned")
     assert example_model.read_bytes() == before
+

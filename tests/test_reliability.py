@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,33 @@ def test_disk_full_leaves_nothing(example_model: Path, tmp_path: Path) -> None:
     assert proc.returncode == 1, err
     assert "cannot write the output" in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_too_little_free_space_is_refused_before_any_work(example_model: Path, tmp_path: Path) -> None:
+    """A 1 MiB filesystem (a tmpfs in a private mount namespace) as the output folder: refused up front with the
+    exact size the output has (compared with a real output), the free space, and nothing created there."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "--map-root-user", "true"]).returncode:
+        pytest.skip("needs unshare with user namespaces, for a small filesystem of its own")
+    reference = tmp_path / "ref" / "o.safetensors"
+    assert cli_main(["--input", str(example_model), "--output", str(reference), "--method", "rtn", "-q"]) == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {small} || exit 77; "
+        f"{sys.executable} -m quant_core --input {example_model} --output {small}/sub/o.safetensors --method rtn; "
+        f"code=$?; ls -A {small}; exit $code"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode == 77:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    size = reference.stat().st_size
+    assert result.returncode == 1 and result.stdout == "", result.stderr  # `ls` lists nothing: no folder, no file
+    assert result.stderr == (
+        f"error: {small}/sub: not enough free space for the output: {size / 2**20:.1f} MiB ({size:,} bytes) needed, "
+        "1.0 MiB (1,048,576 bytes) free; free some space there or write the output elsewhere\n"
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
