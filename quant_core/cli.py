@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -28,11 +30,26 @@ class _ChosenMethod(argparse.Action):
         namespace.method_given = True
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it says something: not for None, an off switch or an empty list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def program_name(argv0: str) -> str:
+    """The name the user ran the command line by: the script or command, or `python -m <package>`."""
+    path = Path(argv0)
+    return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="learned-rounding-fp16",
+        prog=prog or program_name(sys.argv[0]),
         description="Convert safetensors weights to float16, scaled (power-of-two scales) or plain, with learned rounding.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--input", required=True, help="Input safetensors file path.")
     parser.add_argument(
@@ -73,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Keep tensors whose name matches REGEX unquantized (repeatable).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log every tensor.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bar or summary, errors only.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="Log every tensor.")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="No progress bar or summary, errors only.")
+    parser.add_argument("--version", action="version", version=f"learned-rounding-fp16 {__version__}")
     return parser
 
 
@@ -107,6 +125,32 @@ class TqdmListener:
             self.bar.close()
 
 
+class _ThroughTqdm(logging.Handler):
+    """Log records on stderr through tqdm.write, which clears a progress bar first and redraws it after."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001  (logging's own rule: a broken handler must not stop the program)
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_logging(level: int) -> Iterator[None]:
+    """Log at `level` on stderr for the duration of a run (and no longer: `main` can be called in-process)."""
+    root = logging.getLogger()
+    handler = _ThroughTqdm()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -128,11 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _validate(parser, args)
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    with _console_logging(level):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up the partial output like Ctrl-C does
     options = ConvertOptions(
         method=args.method,
-        rounding={setting.name: getattr(args, setting.name) for setting in SETTINGS if setting.is_flag and setting.has_effect},
+        rounding={s.name: getattr(args, s.name) for s in SETTINGS if s.is_flag and s.has_effect},
         t5xxl=args.t5xxl,
         keep_distillation=args.keep_distillation,
         exclude=tuple(args.exclude),

@@ -160,3 +160,36 @@ def test_a_pytorch_checkpoint_gets_the_hint_to_export_it(name, tmp_path, capsys)
     assert err.count("\n") == 1 and "not a valid safetensors file" in err
     assert "a PyTorch pickle checkpoint must be exported to safetensors first, from a file you trust" in err
     assert "save_file(sd.get('state_dict', sd), 'model.safetensors')" in err
+
+
+def _run(entry: list[str], *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "entry,name",
+    [(["convert_fp16_scaled_learned_svd_fast.py"], "convert_fp16_scaled_learned_svd_fast.py"),
+     (["-m", "quant_core"], "python -m quant_core")],
+)
+def test_help_uses_the_name_it_was_run_as_and_shows_only_defaults_that_say_something(entry, name):
+    result = _run(entry, "--help")
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name} ")
+    assert "default: None" not in result.stdout and "default: False" not in result.stdout
+    assert "(default: 256)" in result.stdout
+
+
+def test_quiet_and_verbose_together_are_refused(example_model):
+    result = _run(["-m", "quant_core"], "--input", str(example_model), "-q", "-v")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+
+
+def test_verbose_log_lines_never_land_inside_the_progress_bar(example_model, tmp_path):
+    result = _run(["-m", "quant_core"], "--input", str(example_model), "--output", str(tmp_path / "o.safetensors"),
+                  "--method", "rtn", "-v")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.split("\n")
+    logged = [line for line in lines if "DEBUG: " in line]
+    assert len(logged) >= 10 and any("it/s" in line or "tensor/s" in line for line in lines), result.stderr
+    for line in logged:
+        assert line.split("\r")[-1].startswith("DEBUG: "), repr(line)  # what is left after the bar was cleared
