@@ -98,15 +98,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 class TqdmListener:
-    """Progress over tensors on stderr."""
+    """Progress on stderr: a bar over the bytes the value checks read, then one over the tensors."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.checks: tqdm | None = None
         self.bar: tqdm | None = None
 
+    def checking_values(self, name: str, done_bytes: int, total_bytes: int) -> None:
+        if self.enabled and self.checks is None:
+            self.checks = tqdm(
+                desc="checking values", total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True,
+            )
+        if self.checks is not None:
+            self.checks.set_postfix_str(name[-48:], refresh=False)
+            self.checks.update(done_bytes - self.checks.n)
+
     def tensor_started(self, name: str, index: int, total: int) -> None:
+        if self.checks is not None:  # every check passed
+            self.checks.update(self.checks.total - self.checks.n)
+            self._close_checks()
         if self.enabled and self.bar is None:
-            self.bar = tqdm(total=total, unit="tensor", dynamic_ncols=True)
+            self.bar = tqdm(desc="converting", total=total, unit="tensor", dynamic_ncols=True)
         if self.bar is not None:
             self.bar.set_postfix_str(name[-48:], refresh=False)
 
@@ -120,7 +134,13 @@ class TqdmListener:
         if self.bar is not None:
             self.bar.update(1)
 
+    def _close_checks(self) -> None:
+        if self.checks is not None:
+            self.checks.close()
+            self.checks = None
+
     def close(self) -> None:
+        self._close_checks()
         if self.bar is not None:
             self.bar.close()
 

@@ -24,16 +24,17 @@ from .plan import (
     Choice,
     Fate,
     Selection,
-    TensorPlan,
+    ValueScan,
     choose,
     nothing_to_quantize,
     plan_layout,
     select_prefix,
     unsupported_precision,
+    values_read,
 )
-from .produce import Job, Produced, ScaledFloat16, scale_exponent
+from .produce import Job, Produced, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
-from .safetensors_io import SafetensorsFile, StreamingWriter, file_size, require_input_file
+from .safetensors_io import SafetensorsFile, StreamingWriter, TensorEntry, file_size, require_input_file
 from .staging import free_bytes, human_bytes
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ class ConvertOptions:
 
 
 class ProgressListener(Protocol):
+    """Hears of a conversion's two phases: the value checks before anything is written, then each tensor."""
+
+    def checking_values(self, name: str, done_bytes: int, total_bytes: int) -> None:
+        """Tensor `name`'s values are about to be checked (NaN, infinity, scale, exact casts): `done_bytes` of
+        `total_bytes` checked so far. Not called when nothing needs checking; the phase ends at the first
+        `tensor_started`."""
+
     def tensor_started(self, name: str, index: int, total: int) -> None: ...
 
     def tensor_finished(self, name: str, index: int, total: int, layer: LayerReport | None) -> None: ...
@@ -152,10 +160,8 @@ def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choice
     return matched
 
 
-def _scale_exponents(
-    src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None], prescan: bool | None
-) -> dict[str, int]:
-    """Each quantized weight's scale exponent, found before any output is written; {} to find each when reached.
+def _scan_up_front(weights: list[TensorEntry], prescan: bool | None) -> bool:
+    """Whether each weight's scale is found before any output is written.
 
     The pass up front reports a NaN, an infinity or an unscalable value before an hour of work, and
     costs little while the rounding pass that follows finds the weights in the page cache. When they
@@ -163,13 +169,24 @@ def _scale_exponents(
     is then found right before its weight is rounded (from the same pages): a bad value stops the
     conversion when it is reached, and the output is still never written.
     """
-    weights = [plan for plan in plans if plan.fate is Fate.QUANTIZED and isinstance(plan.producer, ScaledFloat16)]
-    if prescan is None:
-        available = available_memory_bytes()
-        prescan = available is None or sum(plan.entry.nbytes for plan in weights) <= available * 3 // 4
-        if not prescan:
-            log.info("the weights exceed available memory: each scale is checked when its weight is reached")
-    return {plan.name: scale_exponent(src, plan.name, check_cancelled) for plan in weights} if prescan else {}
+    if prescan is not None:
+        return prescan
+    available = available_memory_bytes()
+    if available is None or sum(entry.nbytes for entry in weights) <= available * 3 // 4:
+        return True
+    log.info("the weights exceed available memory: each scale is checked when its weight is reached")
+    return False
+
+
+def _scale_exponents(
+    src: SafetensorsFile, weights: list[TensorEntry], scan: ValueScan, check_cancelled: Callable[[], None]
+) -> dict[str, int]:
+    """Each weight's scale exponent, found before any output is written (QuantError for a bad value)."""
+    exponents = {}
+    for entry in weights:
+        scan.reading(entry.name)
+        exponents[entry.name] = scale_exponent(src, entry.name, check_cancelled)
+    return exponents
 
 
 def _no_check() -> None:
@@ -198,8 +215,9 @@ def convert_file(
     """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns the report.
 
     `output_path`: a file, or a folder for the default name (`output_path_for`); the report's `output`
-    says where it went. `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
-    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
+    says where it went. `statistics` (quant_core.calibration: recorded in memory, or
+    `load_statistics(path)`) enable calibrated rounding and bias correction for the weights they
+    match. `listener` hears of the progress (`ProgressListener`). `check_cancelled` is called
     between chunks of work and may raise to stop; the output is then never created. The report is
     also written as JSON beside the output unless `report_json` is False (ComfyUI's save node writes
     it beside the saved file instead). Raises QuantError for problems with the input, settings or
@@ -222,7 +240,8 @@ def convert_file(
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
         choices = choose(src.entries.values(), Selection(options.t5xxl, options.keep_distillation, options.exclude))
-        if not any(choice.action is Action.QUANTIZE for choice in choices):
+        quantized = [choice.entry for choice in choices if choice.action is Action.QUANTIZE]
+        if not quantized:
             raise nothing_to_quantize(str(input_path), choices)
         unsupported = unsupported_precision(choices)
         if unsupported:
@@ -235,13 +254,21 @@ def convert_file(
             report.settings.update(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
-        layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format)
+        scaled = quantized if options.format == SCALED else []  # their scales: found up front, or each when reached
+        prescan = _scan_up_front(scaled, options.prescan)
+        scan = ValueScan(
+            values_read(choices, options.format) + (scaled if prescan else []),
+            listener.checking_values if listener is not None else None,
+            check_cancelled,
+        )
+        layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format, scan)
         if not any(plan.fate is Fate.QUANTIZED for plan in layout.plans):  # plain format: none it can hold
-            raise nothing_to_quantize(str(input_path), choices, [p.name for p in layout.plans if p.fate is Fate.NOT_PLAIN])
+            not_plain = [plan.name for plan in layout.plans if plan.fate is Fate.NOT_PLAIN]
+            raise nothing_to_quantize(str(input_path), choices, not_plain)
         settings_recorded = {**report.settings, "source": input_path.name}
         metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights, options.format)
         _check_free_space(output_path.parent, file_size(layout.tensors, metadata))
-        exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
+        exponents = _scale_exponents(src, scaled, scan, check_cancelled) if prescan else {}
         job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:

@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,6 +207,47 @@ def nothing_to_quantize(source: str, choices: Sequence[Choice], not_plain: Colle
     return QuantError(f"{source}: no weight would be quantized, so nothing was written ({why})")
 
 
+class ValueScan:
+    """Progress of the checks that read values before anything is written, in bytes of the tensors they read.
+
+    Made with every tensor the checks may read (`values_read`, and the weights whose scales are found
+    up front); `reading` is called before each read, `skip` for one that turned out not to need it.
+    `report(name, done_bytes, total_bytes)` hears of each read before it starts.
+    """
+
+    def __init__(
+        self,
+        entries: Iterable[TensorEntry],
+        report: Callable[[str, int, int], None] | None = None,
+        check_cancelled: Callable[[], None] | None = None,
+    ):
+        self._pending = {entry.name: entry.nbytes for entry in entries if entry.nbytes}  # an empty one takes no time
+        self.total = sum(self._pending.values())
+        self.done = 0
+        self._report = report
+        self._check_cancelled = check_cancelled
+
+    def reading(self, name: str) -> None:
+        if self._check_cancelled is not None:
+            self._check_cancelled()
+        if self._report is not None and name in self._pending:
+            self._report(name, self.done, self.total)
+        self.done += self._pending.pop(name, 0)
+
+    def skip(self, name: str) -> None:
+        self.done += self._pending.pop(name, 0)
+
+
+def values_read(choices: Iterable[Choice], output_format: str = SCALED) -> list[TensorEntry]:
+    """The tensors `plan_layout` may read: those a float16 cast may hold exactly, and in the plain format every
+    weight to quantize (whether plain float16 holds it)."""
+    return [
+        c.entry for c in choices
+        if (c.action is Action.CAST_IF_EXACT and c.entry.dtype != "F16")
+        or (output_format == PLAIN and c.action is Action.QUANTIZE)
+    ]
+
+
 BIAS_CORRECTED = "bias corrected with the calibration mean, source precision kept"
 # Plain float16 keeps a weight faithfully when round-to-nearest's relative error (Frobenius) is at most
 # twice float16's unit roundoff 2^-11: in its normal range no tensor can exceed 2^-11, so anything
@@ -221,17 +262,19 @@ def plan_layout(
     t5xxl: bool,
     calibrated: Collection[str] = (),
     output_format: str = SCALED,
+    scan: ValueScan | None = None,
 ) -> Layout:
     """Each tensor's fate and producer; `calibrated`: quantized weights with input statistics (biases corrected).
 
     In the plain format a weight plain float16 cannot hold faithfully keeps its source precision
-    (found here, by reading its values: the file's header depends on it).
+    (found here, by reading its values: the file's header depends on it). `scan` hears of every read.
     """
     plain = output_format == PLAIN
+    scan = scan if scan is not None else ValueScan(())
     not_plain = {
         choice.name: problem
         for choice in choices
-        if plain and choice.action is Action.QUANTIZE and (problem := plain_float16_problem(src, choice.name))
+        if plain and choice.action is Action.QUANTIZE and (problem := plain_float16_problem(src, choice.name, scan))
     }
     biases = _biases_to_correct(src, choices, [w for w in calibrated if w not in not_plain])
     corrected = {weight: bias for bias, weight in biases.items()}
@@ -239,6 +282,7 @@ def plan_layout(
     for choice in choices:
         entry = choice.entry
         if choice.name in biases:  # written by its weight's producer
+            scan.skip(choice.name)
             plans.append(TensorPlan(entry, Fate.KEPT, BIAS_CORRECTED))
         elif choice.name in not_plain:
             reason = f"{not_plain[choice.name]}; source precision kept (--format scaled keeps it in float16)"
@@ -249,7 +293,7 @@ def plan_layout(
             plans.append(TensorPlan(entry, Fate.QUANTIZED, choice.reason, producer))
         elif choice.action is Action.DROP:
             plans.append(TensorPlan(entry, Fate.DROPPED, choice.reason))
-        elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(choice.name)):
+        elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src, choice.name, scan):
             plans.append(TensorPlan(entry, Fate.CAST, choice.reason, CastToFloat16()))
         else:
             producer = CopyWithUnitScale() if choice.unit_scale and not plain else Copy()
@@ -262,9 +306,11 @@ def plan_layout(
     return layout
 
 
-def plain_float16_problem(src: SafetensorsFile, name: str) -> str | None:
+def plain_float16_problem(src: SafetensorsFile, name: str, scan: ValueScan | None = None) -> str | None:
     """Why plain float16 cannot hold this weight faithfully (values beyond 65504, or lost to its subnormal
     range), or None; QuantError for NaN or infinity, which no float16 format holds."""
+    if scan is not None:
+        scan.reading(name)
     flat = src.tensor(name).reshape(-1)
     work = work_dtype_for(flat.dtype)
     error = ErrorStats()
@@ -285,8 +331,9 @@ def plain_float16_problem(src: SafetensorsFile, name: str) -> str | None:
     return None
 
 
-def _casts_exactly(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
+def _casts_exactly(src: SafetensorsFile, name: str, scan: ValueScan) -> bool:
+    scan.reading(name)
+    flat = src.tensor(name).reshape(-1)
     return all(exact_fp16_cast(flat[i : i + CHUNK_ELEMENTS]) for i in range(0, flat.numel(), CHUNK_ELEMENTS))
 
 

@@ -193,3 +193,4 @@ def test_verbose_log_lines_never_land_inside_the_progress_bar(example_model, tmp
     assert len(logged) >= 10 and any("it/s" in line or "tensor/s" in line for line in lines), result.stderr
     for line in logged:
         assert line.split("\r")[-1].startswith("DEBUG: "), repr(line)  # what is left after the bar was cleared
+    assert 0 <= result.stderr.index("checking values") < result.stderr.index("converting"), "no silent scan first"

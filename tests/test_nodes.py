@@ -274,7 +274,13 @@ def test_report_reaches_progress_bar_front_end_and_ui(checkpoint: Path, comfy_en
     assert updates == [(i, total, "7") for i in range(1, total + 1)]
     sent = comfy_env["server"].sent
     texts = [data["text"] for event, data, _ in sent if event == "progress_text"]
-    assert len(texts) == total and texts[0].startswith(f"1/{total} ")
+    checks = [text for text in texts if text.startswith("checking values ")]
+    assert checks and texts[: len(checks)] == checks, "the value checks come first, as progress text"
+    percents = [int(text.split()[2].rstrip("%")) for text in checks]
+    assert percents[0] == 0 and percents == sorted(percents) and percents[-1] < 100
+    assert {text.split()[3] for text in checks} >= {PREFIX + "up.weight", PREFIX + "down.weight"}  # scales up front
+    tensors = texts[len(checks) :]
+    assert len(tensors) == total and tensors[0].startswith(f"1/{total} ")
     layer_events = [data for event, data, _ in sent if event == LAYER_EVENT]
     (payload,) = out["ui"]["quant_report"]
     assert [e["layer"] for e in layer_events] == payload["layers"]

@@ -179,7 +179,7 @@ def test_too_little_free_space_is_refused_before_any_work(example_model: Path, t
     small.mkdir()
     script = (
         f"mount -t tmpfs -o size=1m tmpfs {small} || exit 77; "
-        f"{sys.executable} -m quant_core --input {example_model} --output {small}/sub/o.safetensors --method rtn; "
+        f"{sys.executable} -m quant_core --input {example_model} --output {small}/sub/o.safetensors --method rtn -q; "
         f"code=$?; ls -A {small}; exit $code"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
