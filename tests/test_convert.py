@@ -260,3 +260,17 @@ def test_the_value_checks_before_writing_are_reported_in_bytes(output_format, pr
     for _, name, done_bytes, total_bytes in checks:
         assert (done_bytes, total_bytes) == (done, total)
         done += nbytes[name]
+
+
+def test_summary_shows_what_the_method_bought_over_round_to_nearest(example_model, tmp_path):
+    _, nearest = convert(example_model, tmp_path, name="rtn.safetensors", method="rtn")
+    _, learned = convert(example_model, tmp_path, name="learned.safetensors", method="learned")
+    # the learned run measures round-to-nearest on its way: the same figure an rtn run reports
+    assert learned.nearest_relative_error == pytest.approx(nearest.relative_error, rel=1e-6)
+    assert learned.relative_error != nearest.relative_error
+    assert nearest.nearest_relative_error == nearest.relative_error
+    learned_line = next(line for line in learned.summary_lines() if line.startswith("overall relative error"))
+    assert f"(round-to-nearest: {nearest.relative_error:.3e})" in learned_line
+    rtn_line = next(line for line in nearest.summary_lines() if line.startswith("overall relative error"))
+    assert "round-to-nearest" not in rtn_line  # nothing to compare with
+    assert learned.objective_ratio is None  # no layer was rounded on input statistics
