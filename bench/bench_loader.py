@@ -175,7 +175,7 @@ def quantize_node_child(models: str, model_file: str, baseline: bool) -> None:
 
     assert pack.NODE_CLASS_MAPPINGS
     (source,) = LoadCheckpointForQuant().load(model_file, "everything")
-    out = LearnedRoundingFP16().quantize(source, "learned", 256, 1, 3072, False, False, "")
+    out = LearnedRoundingFP16().quantize(source, "learned", 256, 1, False, False, "")
     print(json.dumps(out["ui"]["quant_report"][0]["summary"]))
 
 

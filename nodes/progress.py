@@ -27,7 +27,8 @@ def _prompt_server():
 
 
 class NodeProgress:
-    """quant_core's ProgressListener reporting to ComfyUI: one progress-bar step per tensor.
+    """quant_core's ProgressListener reporting to ComfyUI: the value checks as progress text, then one
+    progress-bar step per tensor (with the tensor as progress text).
 
     Every ProgressBar update is also an interruption point in ComfyUI (its hook checks the cancel
     flag), in addition to the converter's own checks between chunks.
@@ -37,6 +38,11 @@ class NodeProgress:
         self.node_id = node_id
         self.bar = None
         self.server = _prompt_server()
+
+    def checking_values(self, name: str, done_bytes: int, total_bytes: int) -> None:
+        """The checks before writing, as the node's progress text (ComfyUI's bar then counts tensors)."""
+        if self.server is not None and self.node_id is not None:
+            self.server.send_progress_text(f"checking values {100 * done_bytes // total_bytes}% {name}", self.node_id)
 
     def tensor_started(self, name: str, index: int, total: int) -> None:
         if self.bar is None:

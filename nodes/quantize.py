@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..quant_core import ConvertOptions, convert_file
 from ..quant_core.calibration import CalibrationStatistics
+from ..quant_core.convert import is_supported_device
 from ..quant_core.format import OUTPUT_FORMATS, SCALED
 from ..quant_core.methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS
 from ..quant_core.report import ConversionReport
 from .handles import CALIBRATION_TYPE, CATEGORY, SCALED_TYPE, SOURCE_TYPE, QuantSource, ScaledFP16File
 from .paths import temp_output_path
 from .progress import NodeProgress, layer_summary
+
+log = logging.getLogger(__name__)
 
 
 def exclude_patterns(text: str) -> tuple[str, ...]:
@@ -29,19 +33,25 @@ def report_payload(report: ConversionReport) -> dict[str, Any]:
 
 
 def setting_inputs() -> dict[str, tuple[str, dict[str, Any]]]:
-    """One INT widget per offered rounding setting, as declared in quant_core.methods."""
+    """One INT widget per rounding setting offered in the node, as declared in quant_core.methods."""
     return {
         s.name: ("INT", {"default": s.default, "min": s.minimum, "max": s.maximum, "tooltip": s.help})
         for s in SETTINGS
-        if s.offered
+        if s.is_widget
     }
 
 
 def compute_device() -> str:
-    """The device ComfyUI runs models on (honours --cpu and the selected GPU)."""
+    """The device ComfyUI runs models on (honours --cpu and the selected GPU), or the CPU where the converter
+    cannot run (mps, xpu, DirectML ...: its float64 parts need CUDA or the CPU)."""
     import comfy.model_management
 
-    return str(comfy.model_management.get_torch_device())
+    device = str(comfy.model_management.get_torch_device())
+    if is_supported_device(device):
+        return device
+    log.info("ComfyUI runs on %s; the conversion runs on the CPU (it needs CUDA or the CPU), the result loads on %s",
+             device, device)
+    return "cpu"
 
 
 class LearnedRoundingFP16:
@@ -105,7 +115,6 @@ class LearnedRoundingFP16:
         method: str,
         num_iter: int,
         top_k: int,
-        calib_samples: int,
         t5xxl: bool,
         keep_distillation: bool,
         exclude: str,
@@ -117,7 +126,7 @@ class LearnedRoundingFP16:
 
         options = ConvertOptions(
             method=method,
-            rounding={"num_iter": num_iter, "top_k": top_k, "calib_samples": calib_samples},
+            rounding={"num_iter": num_iter, "top_k": top_k},
             t5xxl=t5xxl,
             keep_distillation=keep_distillation,
             exclude=exclude_patterns(exclude),

@@ -74,6 +74,7 @@ def _outcome(
             "fallback_rows": fallback_rows,
             "calib_tokens": tokens,
         },
+        rtn_weight_sq,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,10 +19,23 @@ from .errors import QuantError
 from .format import OUTPUT_FORMATS, SCALED, already_scaled_reason, build_metadata
 from .methods import DEFAULT, Method, resolve, rounding_settings
 from .peak_memory import available_memory_bytes, peak_rss_bytes
-from .plan import Action, Choice, Fate, Selection, TensorPlan, choose, plan_layout, select_prefix
-from .produce import Job, Produced, ScaledFloat16, scale_exponent
+from .plan import (
+    Action,
+    Choice,
+    Fate,
+    Selection,
+    ValueScan,
+    choose,
+    nothing_to_quantize,
+    plan_layout,
+    select_prefix,
+    unsupported_precision,
+    values_read,
+)
+from .produce import Job, Produced, scale_exponent
 from .report import ConversionReport, LayerReport, report_path_for
-from .safetensors_io import SafetensorsFile, StreamingWriter
+from .safetensors_io import SafetensorsFile, StreamingWriter, TensorEntry, file_size, require_input_file
+from .staging import free_bytes, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +70,39 @@ class ConvertOptions:
 
 
 class ProgressListener(Protocol):
+    """Hears of a conversion's two phases: the value checks before anything is written, then each tensor."""
+
+    def checking_values(self, name: str, done_bytes: int, total_bytes: int) -> None:
+        """Tensor `name`'s values are about to be checked (NaN, infinity, scale, exact casts): `done_bytes` of
+        `total_bytes` checked so far. Not called when nothing needs checking; the phase ends at the first
+        `tensor_started`."""
+
     def tensor_started(self, name: str, index: int, total: int) -> None: ...
 
     def tensor_finished(self, name: str, index: int, total: int, layer: LayerReport | None) -> None: ...
 
 
+def is_supported_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N: the float64 parts of the work (exact scales, near ties) need CUDA or the CPU."""
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
 def resolve_device(name: str) -> torch.device:
+    """The compute device for `--device`; QuantError, before any work, for a device the converter cannot use."""
+    if not is_supported_device(name):
+        raise QuantError(
+            f"--device {name}: not supported; the converter runs on CUDA or the CPU (its float64 parts need one of "
+            "them): use auto, cpu, cuda or cuda:N. The converted file loads on any device."
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise QuantError(f"--device {name}: not a device name; use auto, cpu or cuda") from None
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuantError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise QuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ...")
+    return device
 
 
 def default_output_path(input_path: str | Path, keep_distillation: bool = False, output_format: str = SCALED) -> Path:
@@ -80,15 +114,41 @@ def default_output_path(input_path: str | Path, keep_distillation: bool = False,
     return base.with_name(f"{base.name}_float16{scaled}_learned{distill}_svd.safetensors")
 
 
+def output_path_for(
+    input_path: str | Path, output: str | Path | None, keep_distillation: bool = False, output_format: str = SCALED
+) -> Path:
+    """Where the output goes: `output` as a file name; the default name inside it when it is an existing folder or
+    (as a string) ends with a path separator; the default name beside the input when it is None."""
+    default = default_output_path(input_path, keep_distillation, output_format)
+    if not output:
+        return default
+    text = os.fspath(output)
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or Path(text).is_dir():
+        return Path(text) / default.name
+    return Path(text)
+
+
 def _check_paths(input_path: Path, output_path: Path, overwrite: bool) -> None:
-    if not input_path.is_file():
-        raise QuantError(f"{input_path}: input file not found")
+    require_input_file(input_path)
     if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
         raise QuantError(f"{output_path}: the output would replace the input; choose another --output")
     if output_path.exists() and not overwrite:
         raise QuantError(f"{output_path}: output already exists; pass --overwrite to replace it")
     if output_path.is_dir():
         raise QuantError(f"{output_path}: output is a directory; give a file name")
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """QuantError before the work if the output (its size is known once the layout is) cannot fit where it goes."""
+    try:
+        free = free_bytes(folder)
+    except OSError:
+        return  # cannot be told here; writing reports a full disk if it comes to that
+    if free < needed:
+        raise QuantError(
+            f"{folder}: not enough free space for the output: {human_bytes(needed)} ({needed:,} bytes) needed, "
+            f"{human_bytes(free)} ({free:,} bytes) free; free some space there or write the output elsewhere"
+        )
 
 
 def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choices: list[Choice]) -> dict[str, str]:
@@ -100,10 +160,8 @@ def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choice
     return matched
 
 
-def _scale_exponents(
-    src: SafetensorsFile, plans: list[TensorPlan], check_cancelled: Callable[[], None], prescan: bool | None
-) -> dict[str, int]:
-    """Each quantized weight's scale exponent, found before any output is written; {} to find each when reached.
+def _scan_up_front(weights: list[TensorEntry], prescan: bool | None) -> bool:
+    """Whether each weight's scale is found before any output is written.
 
     The pass up front reports a NaN, an infinity or an unscalable value before an hour of work, and
     costs little while the rounding pass that follows finds the weights in the page cache. When they
@@ -111,13 +169,24 @@ def _scale_exponents(
     is then found right before its weight is rounded (from the same pages): a bad value stops the
     conversion when it is reached, and the output is still never written.
     """
-    weights = [plan for plan in plans if plan.fate is Fate.QUANTIZED and isinstance(plan.producer, ScaledFloat16)]
-    if prescan is None:
-        available = available_memory_bytes()
-        prescan = available is None or sum(plan.entry.nbytes for plan in weights) <= available * 3 // 4
-        if not prescan:
-            log.info("the weights exceed available memory: each scale is checked when its weight is reached")
-    return {plan.name: scale_exponent(src, plan.name, check_cancelled) for plan in weights} if prescan else {}
+    if prescan is not None:
+        return prescan
+    available = available_memory_bytes()
+    if available is None or sum(entry.nbytes for entry in weights) <= available * 3 // 4:
+        return True
+    log.info("the weights exceed available memory: each scale is checked when its weight is reached")
+    return False
+
+
+def _scale_exponents(
+    src: SafetensorsFile, weights: list[TensorEntry], scan: ValueScan, check_cancelled: Callable[[], None]
+) -> dict[str, int]:
+    """Each weight's scale exponent, found before any output is written (QuantError for a bad value)."""
+    exponents = {}
+    for entry in weights:
+        scan.reading(entry.name)
+        exponents[entry.name] = scale_exponent(src, entry.name, check_cancelled)
+    return exponents
 
 
 def _no_check() -> None:
@@ -145,24 +214,24 @@ def convert_file(
 ) -> ConversionReport:
     """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns the report.
 
-    `statistics` (quant_core.calibration: recorded in memory, or `load_statistics(path)`) enable
-    calibrated rounding and bias correction for the weights they match. `check_cancelled` is called
+    `output_path`: a file, or a folder for the default name (`output_path_for`); the report's `output`
+    says where it went. `statistics` (quant_core.calibration: recorded in memory, or
+    `load_statistics(path)`) enable calibrated rounding and bias correction for the weights they
+    match. `listener` hears of the progress (`ProgressListener`). `check_cancelled` is called
     between chunks of work and may raise to stop; the output is then never created. The report is
     also written as JSON beside the output unless `report_json` is False (ComfyUI's save node writes
     it beside the saved file instead). Raises QuantError for problems with the input, settings or
     output location.
     """
     started = time.perf_counter()
+    device = resolve_device(options.device)
     input_path = Path(input_path)
     if options.format not in OUTPUT_FORMATS:
         raise QuantError(f"format '{options.format}': choose one of {', '.join(OUTPUT_FORMATS)}")
-    output_path = Path(output_path) if output_path else default_output_path(
-        input_path, options.keep_distillation, options.format
-    )
+    output_path = output_path_for(input_path, output_path, options.keep_distillation, options.format)
     method = resolve(options.method, statistics is not None)
     settings = rounding_settings(**options.rounding)
     _check_paths(input_path, output_path, options.overwrite)
-    device = resolve_device(options.device)
     report = ConversionReport(str(input_path), str(output_path), options.settings(method, statistics))
 
     with SafetensorsFile(input_path) as src:
@@ -171,16 +240,36 @@ def convert_file(
             raise QuantError(f"{input_path}: already a scaled model ({reason}); convert the original weights instead")
         src.entries = select_prefix(src.entries, options.prefix, str(input_path))  # reads go by these names
         choices = choose(src.entries.values(), Selection(options.t5xxl, options.keep_distillation, options.exclude))
+        quantized = [choice.entry for choice in choices if choice.action is Action.QUANTIZE]
+        if not quantized:
+            raise nothing_to_quantize(str(input_path), choices)
+        unsupported = unsupported_precision(choices)
+        if unsupported:
+            log.warning(
+                "%d tensors in a precision this converter does not read (float8) are copied unchanged, e.g. '%s'",
+                len(unsupported), unsupported[0],
+            )
         calibrated = _match_statistics(statistics, src, choices) if statistics is not None else {}
         if statistics is not None:
             report.settings.update(
                 calib_model=statistics.model, calib_tokens=statistics.tokens, calib_layers=len(calibrated)
             )
-        layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format)
-        exponents = _scale_exponents(src, layout.plans, check_cancelled, options.prescan)
-        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
+        scaled = quantized if options.format == SCALED else []  # their scales: found up front, or each when reached
+        prescan = _scan_up_front(scaled, options.prescan)
+        scan = ValueScan(
+            values_read(choices, options.format) + (scaled if prescan else []),
+            listener.checking_values if listener is not None else None,
+            check_cancelled,
+        )
+        layout = plan_layout(src, choices, options.t5xxl, calibrated, options.format, scan)
+        if not any(plan.fate is Fate.QUANTIZED for plan in layout.plans):  # plain format: none it can hold
+            not_plain = [plan.name for plan in layout.plans if plan.fate is Fate.NOT_PLAIN]
+            raise nothing_to_quantize(str(input_path), choices, not_plain)
         settings_recorded = {**report.settings, "source": input_path.name}
         metadata = build_metadata(src.metadata, TOOL_NAME, settings_recorded, layout.scaled_weights, options.format)
+        _check_free_space(output_path.parent, file_size(layout.tensors, metadata))
+        exponents = _scale_exponents(src, scaled, scan, check_cancelled) if prescan else {}
+        job = Job(src, device, method, settings, statistics, calibrated, exponents, check_cancelled)
         total = len(layout.plans)
         with StreamingWriter(output_path, layout.tensors, metadata, options.overwrite) as writer:
             for index, plan in enumerate(layout.plans):

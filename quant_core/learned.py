@@ -130,6 +130,7 @@ def learned_rounding(
     q, stats = nearest_pass(weight, sketch_rows)
     if stats.exact == stats.numel or settings["num_iter"] <= 0 or k <= 0:
         return RoundingOutcome(q, stats)  # nothing to gain: round-to-nearest is already exact (or search off)
+    nearest_error_sq = stats.error_sq  # `stats` becomes the search's below
 
     u, v, p_rtn = _principal_error(weight, q, sketch, k)
     lam = m * n / (k * k)
@@ -152,4 +153,5 @@ def learned_rounding(
             "projected_error_ratio": float(torch.linalg.norm(p)) / p_rtn_norm if p_rtn_norm else 1.0,
             "toggled": int(toggled.sum()),
         },
+        nearest_error_sq,
     )

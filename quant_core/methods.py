@@ -2,19 +2,28 @@
 
 A `Method` declares its rounding function (`quant_core.rounding.RoundingMethod`), whether it needs
 recorded input statistics, and the settings it reads; a `Setting` declares its default, bounds and
-help text once. The command line's flags and LearnedRoundingFP16's widgets are generated from
-these declarations, the converter records every setting's value in the output's metadata, and
-`resolve` is the one rule that turns a request (or `auto`) into a method.
+help text once, and where it is offered (`Offer`). The command line's flags and LearnedRoundingFP16's
+widgets are generated from these declarations, the converter records every setting that has an effect
+in the output's metadata, and `resolve` is the one rule that turns a request (or `auto`) into a method.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .calibrated import calibrated_rounding, updown_rounding
 from .errors import QuantError
 from .learned import learned_rounding
 from .rounding import RoundingMethod, round_nearest
+
+
+class Offer(enum.Enum):
+    """Where a setting is offered, and whether it has an effect."""
+
+    EVERYWHERE = "flag and node widget"
+    FIXED = "neither: a fixed value, recorded for reproducible outputs"
+    COMPATIBILITY = "a flag only, so the original script's command lines keep working; no effect, not recorded"
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,20 @@ class Setting:
     minimum: int
     maximum: int  # the node widget's bound; the command line accepts any value from the minimum up
     help: str
-    offered: bool = True  # False: not a flag or node input, only recorded (fixed for reproducible outputs)
+    offer: Offer = Offer.EVERYWHERE
+
+    @property
+    def is_flag(self) -> bool:
+        return self.offer is not Offer.FIXED
+
+    @property
+    def is_widget(self) -> bool:
+        return self.offer is Offer.EVERYWHERE
+
+    @property
+    def has_effect(self) -> bool:
+        """Read by the rounding (so recorded in the output's metadata)."""
+        return self.offer is not Offer.COMPATIBILITY
 
 
 NUM_ITER = Setting("num_iter", 256, 0, 100_000, "Maximum search iterations per tensor; usually converges in 1-3.")
@@ -36,10 +58,11 @@ CALIB_SAMPLES = Setting(
     3072,
     0,
     1 << 20,
-    "Calibration samples: the token cap where statistics are recorded (StatisticsRecorder max_tokens, "
-    "bench/bench_minilm.py); recorded here. The converter draws none: statistics bring their own tokens.",
+    "Accepted for compatibility with the original script; has no effect. Calibration statistics come from "
+    "--calib (the token cap is set when they are recorded: StatisticsRecorder(max_tokens=...)).",
+    Offer.COMPATIBILITY,
 )
-SEED = Setting("seed", 0, 0, 2**31 - 1, "Seed of the search's random sketch.", offered=False)
+SEED = Setting("seed", 0, 0, 2**31 - 1, "Seed of the search's random sketch.", Offer.FIXED)
 SETTINGS: tuple[Setting, ...] = (NUM_ITER, TOP_K, CALIB_SAMPLES, SEED)  # in the order of the flags and widgets
 
 
@@ -99,12 +122,16 @@ def for_weight(method: Method, has_statistics: bool) -> Method:
 
 
 def rounding_settings(**values: int) -> dict[str, int]:
-    """Every setting's value: the given ones over the declared defaults (an unknown name is an error)."""
-    known = {setting.name: setting.default for setting in SETTINGS}
-    unknown = sorted(set(values) - set(known))
+    """Every setting's value: the given ones over the declared defaults (an unknown name is an error).
+
+    Settings without effect are accepted and left out: they are neither read nor recorded.
+    """
+    known = {setting.name: setting.default for setting in SETTINGS if setting.has_effect}
+    ignored = {setting.name for setting in SETTINGS if not setting.has_effect}
+    unknown = sorted(set(values) - set(known) - ignored)
     if unknown:
         raise QuantError(f"unknown rounding setting '{unknown[0]}'; known: {', '.join(known)}")
-    return {**known, **values}
+    return {**known, **{name: value for name, value in values.items() if name in known}}
 
 
 def methods_reading(setting: Setting) -> list[str]:

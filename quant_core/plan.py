@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +32,6 @@ T5XXL_DROP_NAMES = ("decoder", "lm_head")
 T5XXL_KEEP_NAMES = ("norm", "bias", "embed_tokens", "shared")
 DISTILLATION_NAMES = ("distilled_guidance_layer", "final_layer", "img_in", "txt_in")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-log = logging.getLogger(__name__)
 
 
 class Action(enum.Enum):
@@ -134,25 +131,35 @@ def is_quantizable_weight(entry: TensorEntry) -> bool:
     )
 
 
+# The rules' reasons for not quantizing a weight the user asked about, and what to do when no weight is left.
+T5XXL_DROPPED = "T5XXL decoder/lm_head tensor (--t5xxl)"
+DISTILLATION_KEPT = "distillation layer (--keep_distillation)"
+EXCLUDED = "excluded by --exclude"
+T5XXL_KEPT = "T5XXL norm/bias/embedding kept (--t5xxl)"
+_REMEDIES = {
+    EXCLUDED: "excluded by --exclude: check the patterns",
+    DISTILLATION_KEPT: "kept by --keep_distillation: convert without it",
+    T5XXL_DROPPED: "dropped by --t5xxl (decoder): convert without it",
+    T5XXL_KEPT: "kept by --t5xxl (norms, embeddings): convert without it",
+}
+_NOT_PLAIN_REMEDY = "that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled"
+
+
 def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.Pattern[str]]) -> Choice:
     name = entry.name
     if selection.t5xxl and any(s in name for s in T5XXL_DROP_NAMES):
-        return Choice(entry, Action.DROP, "T5XXL decoder/lm_head tensor (--t5xxl)")
+        return Choice(entry, Action.DROP, T5XXL_DROPPED)
     dtype = entry.torch_dtype
     if dtype is None or not dtype.is_floating_point:
         return Choice(entry, Action.KEEP, f"{entry.dtype} tensor copied unchanged")
     if dtype not in QUANTIZABLE_DTYPES:
-        reason = f"{entry.dtype} is not a supported source precision; copied unchanged"
-        log.warning("tensor '%s': %s", name, reason)
-        return Choice(entry, Action.KEEP, reason)
+        return Choice(entry, Action.KEEP, f"{entry.dtype} is not a supported source precision; copied unchanged")
     if selection.keep_distillation and any(s in name for s in DISTILLATION_NAMES):
-        return Choice(
-            entry, Action.KEEP, "distillation layer (--keep_distillation)", unit_scale=is_quantizable_weight(entry)
-        )
+        return Choice(entry, Action.KEEP, DISTILLATION_KEPT, unit_scale=is_quantizable_weight(entry))
     if any(p.search(name) for p in patterns):
-        return Choice(entry, Action.CAST_IF_EXACT, "excluded by --exclude", excluded=True)
+        return Choice(entry, Action.CAST_IF_EXACT, EXCLUDED, excluded=True)
     if selection.t5xxl and any(s in name for s in T5XXL_KEEP_NAMES):
-        return Choice(entry, Action.CAST_IF_EXACT, "T5XXL norm/bias/embedding kept (--t5xxl)")
+        return Choice(entry, Action.CAST_IF_EXACT, T5XXL_KEPT)
     if is_quantizable_weight(entry):
         return Choice(entry, Action.QUANTIZE, "2-D weight")
     return Choice(entry, Action.CAST_IF_EXACT, "not a 2-D weight")
@@ -161,6 +168,84 @@ def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.P
 def choose(entries: Iterable[TensorEntry], selection: Selection) -> list[Choice]:
     patterns = compile_patterns(selection.exclude)
     return [choose_for(e, selection, patterns) for e in entries]
+
+
+def unsupported_precision(choices: Iterable[Choice]) -> list[str]:
+    """Floating-point tensors in a precision the converter does not read (float8): copied unchanged."""
+    return [
+        c.name for c in choices if c.entry.torch_dtype is not None and c.entry.torch_dtype.is_floating_point
+        and c.entry.torch_dtype not in QUANTIZABLE_DTYPES
+    ]
+
+
+def nothing_to_quantize(source: str, choices: Sequence[Choice], not_plain: Collection[str] = ()) -> QuantError:
+    """The error for a conversion that would quantize no weight (its output would be the input in another
+    container): why, counted by cause over the file's 2-D weights, and what to do about each cause."""
+    causes: dict[str, int] = {}
+    for choice in choices:
+        entry = choice.entry
+        if not (entry.name.endswith(WEIGHT_SUFFIX) and len(entry.shape) == 2 and entry.numel > 0):
+            continue
+        if choice.name in not_plain:
+            cause = _NOT_PLAIN_REMEDY
+        elif choice.reason in _REMEDIES:
+            cause = _REMEDIES[choice.reason]
+        else:  # the only other way a 2-D weight is not quantized: its precision
+            precision = "float8" if entry.dtype.startswith("F8") else entry.dtype
+            cause = f"in {precision}: convert the original bf16/fp16/fp32 file"
+        causes[cause] = causes.get(cause, 0) + 1
+    if causes:
+        largest_first = sorted(causes.items(), key=lambda item: -item[1])
+        why = "; ".join(f"{count} weight{'s' if count > 1 else ''} {cause}" for cause, count in largest_first)
+    elif not choices:
+        why = "the file holds no tensors"
+    else:
+        why = (
+            f"none of its {len(choices)} tensors is a 2-D '.weight' (a Linear layer's weight), the kind this "
+            "converter quantizes"
+        )
+    return QuantError(f"{source}: no weight would be quantized, so nothing was written ({why})")
+
+
+class ValueScan:
+    """Progress of the checks that read values before anything is written, in bytes of the tensors they read.
+
+    Made with every tensor the checks may read (`values_read`, and the weights whose scales are found
+    up front); `reading` is called before each read, `skip` for one that turned out not to need it.
+    `report(name, done_bytes, total_bytes)` hears of each read before it starts.
+    """
+
+    def __init__(
+        self,
+        entries: Iterable[TensorEntry],
+        report: Callable[[str, int, int], None] | None = None,
+        check_cancelled: Callable[[], None] | None = None,
+    ):
+        self._pending = {entry.name: entry.nbytes for entry in entries if entry.nbytes}  # an empty one takes no time
+        self.total = sum(self._pending.values())
+        self.done = 0
+        self._report = report
+        self._check_cancelled = check_cancelled
+
+    def reading(self, name: str) -> None:
+        if self._check_cancelled is not None:
+            self._check_cancelled()
+        if self._report is not None and name in self._pending:
+            self._report(name, self.done, self.total)
+        self.done += self._pending.pop(name, 0)
+
+    def skip(self, name: str) -> None:
+        self.done += self._pending.pop(name, 0)
+
+
+def values_read(choices: Iterable[Choice], output_format: str = SCALED) -> list[TensorEntry]:
+    """The tensors `plan_layout` may read: those a float16 cast may hold exactly, and in the plain format every
+    weight to quantize (whether plain float16 holds it)."""
+    return [
+        c.entry for c in choices
+        if (c.action is Action.CAST_IF_EXACT and c.entry.dtype != "F16")
+        or (output_format == PLAIN and c.action is Action.QUANTIZE)
+    ]
 
 
 BIAS_CORRECTED = "bias corrected with the calibration mean, source precision kept"
@@ -177,17 +262,19 @@ def plan_layout(
     t5xxl: bool,
     calibrated: Collection[str] = (),
     output_format: str = SCALED,
+    scan: ValueScan | None = None,
 ) -> Layout:
     """Each tensor's fate and producer; `calibrated`: quantized weights with input statistics (biases corrected).
 
     In the plain format a weight plain float16 cannot hold faithfully keeps its source precision
-    (found here, by reading its values: the file's header depends on it).
+    (found here, by reading its values: the file's header depends on it). `scan` hears of every read.
     """
     plain = output_format == PLAIN
+    scan = scan if scan is not None else ValueScan(())
     not_plain = {
         choice.name: problem
         for choice in choices
-        if plain and choice.action is Action.QUANTIZE and (problem := plain_float16_problem(src, choice.name))
+        if plain and choice.action is Action.QUANTIZE and (problem := plain_float16_problem(src, choice.name, scan))
     }
     biases = _biases_to_correct(src, choices, [w for w in calibrated if w not in not_plain])
     corrected = {weight: bias for bias, weight in biases.items()}
@@ -195,6 +282,7 @@ def plan_layout(
     for choice in choices:
         entry = choice.entry
         if choice.name in biases:  # written by its weight's producer
+            scan.skip(choice.name)
             plans.append(TensorPlan(entry, Fate.KEPT, BIAS_CORRECTED))
         elif choice.name in not_plain:
             reason = f"{not_plain[choice.name]}; source precision kept (--format scaled keeps it in float16)"
@@ -205,7 +293,7 @@ def plan_layout(
             plans.append(TensorPlan(entry, Fate.QUANTIZED, choice.reason, producer))
         elif choice.action is Action.DROP:
             plans.append(TensorPlan(entry, Fate.DROPPED, choice.reason))
-        elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src.tensor(choice.name)):
+        elif choice.action is Action.CAST_IF_EXACT and entry.dtype != "F16" and _casts_exactly(src, choice.name, scan):
             plans.append(TensorPlan(entry, Fate.CAST, choice.reason, CastToFloat16()))
         else:
             producer = CopyWithUnitScale() if choice.unit_scale and not plain else Copy()
@@ -218,9 +306,11 @@ def plan_layout(
     return layout
 
 
-def plain_float16_problem(src: SafetensorsFile, name: str) -> str | None:
+def plain_float16_problem(src: SafetensorsFile, name: str, scan: ValueScan | None = None) -> str | None:
     """Why plain float16 cannot hold this weight faithfully (values beyond 65504, or lost to its subnormal
     range), or None; QuantError for NaN or infinity, which no float16 format holds."""
+    if scan is not None:
+        scan.reading(name)
     flat = src.tensor(name).reshape(-1)
     work = work_dtype_for(flat.dtype)
     error = ErrorStats()
@@ -241,8 +331,9 @@ def plain_float16_problem(src: SafetensorsFile, name: str) -> str | None:
     return None
 
 
-def _casts_exactly(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
+def _casts_exactly(src: SafetensorsFile, name: str, scan: ValueScan) -> bool:
+    scan.reading(name)
+    flat = src.tensor(name).reshape(-1)
     return all(exact_fp16_cast(flat[i : i + CHUNK_ELEMENTS]) for i in range(0, flat.numel(), CHUNK_ELEMENTS))
 
 

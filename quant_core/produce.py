@@ -188,6 +188,7 @@ def _rounded(job: Job, entry: TensorEntry, exponent: int, bias: TensorEntry | No
     outcome = method.round(weight, job.settings, statistics)
     scale = 2.0**exponent
     stats = outcome.stats
+    nearest_error_sq = stats.error_sq if outcome.nearest_error_sq is None else outcome.nearest_error_sq
     tensors: dict[str, torch.Tensor | memoryview] = {entry.name: outcome.q}
     if bias is not None:
         tensors[bias.name] = _corrected_bias(job.src, bias.name, weight, outcome.q, statistics.mean)
@@ -204,6 +205,8 @@ def _rounded(job: Job, entry: TensorEntry, exponent: int, bias: TensorEntry | No
         seconds=time.perf_counter() - started,
         error_sq=stats.error_sq * scale**2,
         reference_sq=stats.reference_sq * scale**2,
+        nearest_error_sq=nearest_error_sq * scale**2,
+        uses_statistics=method.needs_statistics,
         details=outcome.details,
     )
     return Produced(tensors, layer)

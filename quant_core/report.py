@@ -29,6 +29,9 @@ class LayerReport:
     seconds: float
     error_sq: float = 0.0
     reference_sq: float = 0.0
+    nearest_error_sq: float = 0.0  # round-to-nearest's, for comparison (real units, like error_sq)
+    uses_statistics: bool = False  # rounded on input statistics: details["objective_ratio"] is the calibration
+    # objective (output error on the recorded inputs) relative to round-to-nearest's
     details: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,6 +79,29 @@ class ConversionReport:
         return math.sqrt(error / reference) if reference > 0 else 0.0
 
     @property
+    def nearest_relative_error(self) -> float:
+        """What round-to-nearest's overall relative error would have been on the same weights."""
+        error = sum(layer.nearest_error_sq for layer in self.layers)
+        reference = sum(layer.reference_sq for layer in self.layers)
+        return math.sqrt(error / reference) if reference > 0 else 0.0
+
+    @property
+    def objective_ratios(self) -> list[float]:
+        """Per layer rounded on input statistics: its calibration objective relative to round-to-nearest's."""
+        return [layer.details["objective_ratio"] for layer in self.layers if layer.uses_statistics]
+
+    @property
+    def objective_ratio(self) -> float | None:
+        """The geometric mean of `objective_ratios` (None without such layers): layers' objectives are on
+        scales of their own, their ratios are not, and a mean of logarithms weighs a halving and a doubling alike."""
+        ratios = self.objective_ratios
+        if not ratios:
+            return None
+        if min(ratios) <= 0:
+            return 0.0
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+    @property
     def method_counts(self) -> dict[str, int]:
         """How many weights each rounding method handled (calibrated runs fall back per weight)."""
         return dict(sorted(Counter(layer.method for layer in self.layers).items()))
@@ -90,6 +116,8 @@ class ConversionReport:
             "quantized_elements": self.quantized_elements,
             "exact_fraction": self.exact_fraction,
             "relative_error": self.relative_error,
+            "relative_error_round_to_nearest": self.nearest_relative_error,
+            "calibration_objective_ratio": self.objective_ratio,
             "methods": self.method_counts,
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
@@ -102,10 +130,18 @@ class ConversionReport:
             f"tensors: {s['quantized']} quantized, {s['cast_to_fp16']} cast to fp16 (exact), "
             f"{s['kept']} kept as is, {s['dropped']} dropped",
             f"quantized elements: {s['quantized_elements']:,} ({s['exact_fraction']:.2%} bit-exact after dequantization)",
-            f"overall relative error: {s['relative_error']:.3e}",
+            f"overall relative error: {s['relative_error']:.3e}"
+            + (f" (round-to-nearest: {s['relative_error_round_to_nearest']:.3e})" if set(s["methods"]) - {"rtn"} else ""),
             "rounding: " + (", ".join(f"{method} {count}" for method, count in s["methods"].items()) or "none"),
             f"time: {s['seconds']:.2f} s, peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB",
         ]
+        ratios = self.objective_ratios
+        if ratios:
+            lines.insert(
+                4,
+                f"calibration objective (output error on the recorded inputs): {s['calibration_objective_ratio']:.3f}x "
+                f"round-to-nearest's (geometric mean over {len(ratios)} layers, {min(ratios):.3f}x to {max(ratios):.3f}x)",
+            )
         if self.not_plain:
             names = list(self.not_plain)
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -121,6 +121,9 @@ class RoundingOutcome:
     stats: ErrorStats
     iterations: int = 0
     details: dict[str, float] = field(default_factory=dict)
+    # round-to-nearest's squared error (scaled units), which every method measures on its way (`nearest_pass`),
+    # so the report shows what the method bought; None: these values are round-to-nearest's (`stats` says it)
+    nearest_error_sq: float | None = None
 
 
 # (weight, settings, statistics of the layer's input or None) -> float16 values; data-free methods ignore statistics.

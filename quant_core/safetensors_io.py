@@ -83,25 +83,60 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
+def _not_safetensors(path: str | os.PathLike, why: str) -> QuantError:
+    hint = f"; {PICKLE_HINT}" if looks_like_pickle(path) else ""
+    return QuantError(f"{path}: not a safetensors file ({why}){hint}")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """Return (header dict, data start offset) of a safetensors file, without reading tensor data."""
     with open(path, "rb") as fh:
         raw_len = fh.read(_HEADER_SIZE_BYTES)
         if len(raw_len) < _HEADER_SIZE_BYTES:
-            raise QuantError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise _not_safetensors(path, "shorter than its 8-byte header length")
         (header_len,) = struct.unpack("<Q", raw_len)
         size = os.fstat(fh.fileno()).st_size
         if header_len > size - _HEADER_SIZE_BYTES:
-            raise QuantError(f"{path}: not a safetensors file (header length {header_len} exceeds file size {size})")
+            raise _not_safetensors(path, f"header length {header_len} exceeds file size {size}")
         try:
             header = json.loads(fh.read(header_len), object_pairs_hook=_refuse_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise QuantError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+            raise _not_safetensors(path, f"header is not JSON: {exc}") from None
         except _DuplicateName as dup:
             raise QuantError(f"{path}: tensor name '{dup}' appears twice in the header; the file is corrupt") from None
     if not isinstance(header, dict):
-        raise QuantError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise _not_safetensors(path, "header is not a JSON object")
     return header, _HEADER_SIZE_BYTES + header_len
+
+
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+PICKLE_HINT = (
+    "a PyTorch pickle checkpoint must be exported to safetensors first, from a file you trust: "
+    "python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('model.ckpt', "
+    "map_location='cpu', weights_only=False); save_file(sd.get('state_dict', sd), 'model.safetensors')\""
+)
+
+
+def looks_like_pickle(path: str | os.PathLike) -> bool:
+    """A PyTorch checkpoint by its name, or by its first bytes: torch.save's zip archive, or a bare pickle
+    (where a safetensors file has its header's '{')."""
+    if Path(path).suffix.lower() in _PICKLE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_HEADER_SIZE_BYTES + 1)
+    except OSError:
+        return False
+    bare_pickle = len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    return head.startswith(b"PK\x03\x04") or (bare_pickle and head[_HEADER_SIZE_BYTES:] != b"{")
+
+
+def require_input_file(path: Path) -> None:
+    """QuantError unless `path` is an existing file (a folder gets its own message)."""
+    if path.is_dir():
+        raise QuantError(f"{path}: is a folder; give the .safetensors file to convert")
+    if not path.is_file():
+        raise QuantError(f"{path}: input file not found")
 
 
 @contextlib.contextmanager
@@ -113,7 +148,8 @@ def open_safetensors(path: str | os.PathLike, remedy: str = "re-download or re-e
     except QuantError:
         raise
     except Exception as exc:  # noqa: BLE001  (the library raises several types for malformed files)
-        raise QuantError(f"{path}: not a valid safetensors file ({exc}); {remedy}") from None
+        hint = PICKLE_HINT if looks_like_pickle(path) else remedy
+        raise QuantError(f"{path}: not a valid safetensors file ({exc}); {hint}") from None
 
 
 class SafetensorsFile:
@@ -121,8 +157,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise QuantError(f"{self.path}: input file not found")
+        require_input_file(self.path)
         with open_safetensors(self.path) as f:
             names = list(f.keys())
             self.metadata: dict[str, str] = dict(f.metadata() or {})
@@ -204,6 +239,29 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     return memoryview((ctypes.c_char * nbytes).from_address(flat.data_ptr())).cast("B"), flat
 
 
+def _file_layout(
+    tensors: Sequence[OutputTensor], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """The header (padded, without its length) of a file of these tensors, each one's (offset, size) in the
+    data, and the data's size: in the safetensors library's own order, so files are byte-identical to its."""
+    ordered = sorted(tensors, key=lambda t: (_dtype_rank(t.dtype), t.name))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offsets[t.name] = (offset, t.nbytes)
+        offset += t.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return header_bytes + b" " * (-len(header_bytes) % 8), offsets, offset
+
+
+def file_size(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> int:
+    """The size in bytes of the safetensors file StreamingWriter writes for these tensors and metadata."""
+    header_bytes, _, data_size = _file_layout(tensors, metadata)
+    return _HEADER_SIZE_BYTES + len(header_bytes) + data_size
+
+
 class StreamingWriter:
     """Writes a safetensors file whose header is fixed up front, tensor by tensor, atomically.
 
@@ -221,16 +279,7 @@ class StreamingWriter:
     ):
         self.target = Path(target)
         self.overwrite = overwrite
-        ordered = sorted(tensors, key=lambda t: (_dtype_rank(t.dtype), t.name))
-        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for t in ordered:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            self._offsets[t.name] = (offset, t.nbytes)
-            offset += t.nbytes
-        header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        header_bytes += b" " * (-len(header_bytes) % 8)
+        header_bytes, self._offsets, data_size = _file_layout(tensors, metadata)
         self._data_start = _HEADER_SIZE_BYTES + len(header_bytes)
         self._pending = set(self._offsets)
         self._staged: StagedFile | None = None
@@ -241,7 +290,7 @@ class StreamingWriter:
         try:
             self._write_at(struct.pack("<Q", len(header_bytes)) + header_bytes, 0)
             try:
-                os.ftruncate(self._staged.fd, self._data_start + offset)
+                os.ftruncate(self._staged.fd, self._data_start + data_size)
             except OSError as exc:
                 raise self._write_error(exc) from None
         except BaseException:

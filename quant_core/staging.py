@@ -2,19 +2,31 @@
 
 A reader never sees a half-written model, statistics file or report, and an interrupted write leaves
 nothing behind: the converter's output, its JSON report, and the ComfyUI nodes' saves all go through
-`StagedFile`.
+`StagedFile`. A process killed outright (SIGKILL, the OOM killer) cannot clean up, so the hidden name
+says which process owns it (`.<name>.<host>-<pid>.<random>.partial`): the next write of that name
+removes the ones whose process is gone, and says so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 _WRITE_BLOCK = 1 << 26
 _MAX_HINT = 64  # characters of the final name kept in the hidden one: a long name cannot overflow the limit
+_SUFFIX = ".partial"
+# This machine, in the hidden names: a process id means nothing on another machine sharing the folder.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class StagedFile:
@@ -27,8 +39,14 @@ class StagedFile:
 
     def __init__(self, folder: str | os.PathLike, hint: str = ""):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.", suffix=".partial", dir=self.folder)
+        self.created_folders = _make_folders(self.folder)  # removed again (when empty) unless the file is placed
+        try:
+            remove_stale(self.folder, hint)
+            owner = f"{_HOST}-{os.getpid()}"
+            self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.{owner}.", suffix=_SUFFIX, dir=self.folder)
+        except BaseException:
+            _remove_empty(self.created_folders)
+            raise
         self.path: Path | None = Path(name)
 
     @classmethod
@@ -65,6 +83,7 @@ class StagedFile:
         else:
             _rename_no_clobber(self.path, target)
         self.path = None
+        self.created_folders = []  # they hold the file now
         return target
 
     def place_first_free(self, targets: Iterable[Path]) -> Path | None:
@@ -77,10 +96,13 @@ class StagedFile:
         return None
 
     def discard(self) -> None:
+        """Remove the file, and the folders created for it that are still empty."""
         self._close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        _remove_empty(self.created_folders)
+        self.created_folders = []
 
     def _close(self) -> None:
         """Flush to disk before the rename, so a crash cannot leave a complete name over incomplete data."""
@@ -96,6 +118,99 @@ class StagedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def remove_stale(folder: Path, hint: str) -> None:
+    """Remove the hidden files of `hint` in `folder` left by processes of this machine that are gone; one warning.
+
+    Only regular files of this user whose whole name is this module's pattern for `hint` are touched;
+    those of a live process, of another machine, or in any other form stay.
+    """
+    pattern = re.compile(
+        rf"\.{re.escape(hint[:_MAX_HINT])}\.(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)\.[a-z0-9_]+{re.escape(_SUFFIX)}"
+    )
+    removed, freed = 0, 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or found["host"] != _HOST or _process_exists(int(found["pid"])):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed += 1
+        freed += info.st_blocks * 512  # what it held on disk (it was sized in full up front, sparsely)
+    if removed:
+        log.warning(
+            "removed %d stale partial file%s of %s in %s, left by an interrupted run (%s freed)",
+            removed, "s" if removed > 1 else "", hint, folder, human_bytes(freed),
+        )
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process of this id runs here (True where that cannot be told: nothing is removed then)."""
+    if pid <= 0 or os.name != "posix":  # elsewhere os.kill(pid, 0) would not be a harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space for this user where `folder` is (or will be created: its nearest existing parent)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` with its missing parents; returns the ones this call created, deepest first."""
+    missing = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):  # outermost first
+            try:
+                path.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                continue
+            created.insert(0, path)
+        folder.mkdir(parents=True, exist_ok=True)  # raises what stands in the way (a file, no permission)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each folder (deepest first) if it is empty; a folder something else was put in stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: nor are the folders above it
 
 
 def write_atomically(target: str | os.PathLike, data: bytes) -> Path:

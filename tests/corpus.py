@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 NOT_SAFETENSORS = r"not a (valid )?safetensors file"
+PICKLE = r"a PyTorch pickle checkpoint must be exported to safetensors first"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ def _truncated(folder: Path) -> Path:
     return path
 
 
+def _torch_saved(zip_archive: bool) -> Callable[[Path], Path]:
+    """A PyTorch checkpoint (torch.save's zip archive, or the older bare pickle) under a safetensors name."""
+
+    def build(folder: Path) -> Path:
+        path = folder / "input.safetensors"
+        torch.save({"state_dict": {"a.weight": torch.ones(2, 2)}}, path, _use_new_zipfile_serialization=zip_archive)
+        return path
+
+    return build
+
+
 def _w(*shape: int, value: float | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(shape) + 1)
     if value is not None:
@@ -63,6 +75,8 @@ def _w(*shape: int, value: float | None = None, dtype: torch.dtype = torch.float
 
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+LINEAR = {"linear.weight": _w(4, 4)}
+NOTHING = r"input\.safetensors: no weight would be quantized, so nothing was written \("
 
 CASES: list[Case] = [
     Case("text-file", _raw(b"this is not a model, just text" * 3), NOT_SAFETENSORS),
@@ -86,6 +100,8 @@ CASES: list[Case] = [
     ),
     Case("unknown-dtype", _raw(_header({"a": {**F32, "dtype": "Q7"}}, b"\0" * 8)), NOT_SAFETENSORS),
     Case("truncated-data", _truncated, NOT_SAFETENSORS),
+    Case("pytorch-zip-checkpoint", _torch_saved(zip_archive=True), NOT_SAFETENSORS + ".*" + PICKLE),
+    Case("pytorch-bare-pickle", _torch_saved(zip_archive=False), NOT_SAFETENSORS + ".*" + PICKLE),
     Case("nan-in-weight", _tensors({"bad.weight": _w(4, 4).index_fill(0, torch.tensor([1]), float("nan"))}), r"'bad\.weight'.*NaN|'bad\.weight'.*nan"),
     Case("inf-in-weight", _tensors({"bad.weight": _w(4, 4).index_fill(1, torch.tensor([2]), float("inf"))}), r"'bad\.weight'.*--exclude"),
     Case("fp64-beyond-float32-scales", _tensors({"huge.weight": _w(3, 3, value=1e300, dtype=torch.float64)}), r"'huge\.weight'.*cannot be scaled"),
@@ -94,15 +110,19 @@ CASES: list[Case] = [
     Case("all-zero-weight", _tensors({"z.weight": torch.zeros(8, 8)}), None),
     Case("denormal-only-weight", _tensors({"d.weight": torch.full((4, 4), 1e-42)}), None),
     Case("beyond-fp16-range", _tensors({"big.weight": _w(8, 8) * 1e37}), None),
-    Case("zero-dim-weight", _tensors({"s.weight": torch.tensor(0.5)}), None),
-    Case("one-dim-weight", _tensors({"n.weight": _w(16)}), None),
-    Case("three-dim-weight", _tensors({"t.weight": _w(2, 3, 4)}), None),
-    Case("conv-weight", _tensors({"conv.weight": _w(8, 4, 3, 3)}), None),
-    Case("zero-size-weight", _tensors({"e.weight": torch.zeros(0, 16)}), None),
-    Case("integer-and-bool", _tensors({"i.weight": torch.arange(12, dtype=torch.int32).reshape(3, 4), "b": torch.tensor([True, False]), "u": torch.arange(4, dtype=torch.uint8)}), None),
-    Case("fp8-tensors", _tensors({"f.weight": _w(4, 4).to(torch.float8_e4m3fn), "g.weight": _w(4, 4).to(torch.float8_e5m2)}), None),
+    # unusual tensors beside one ordinary weight: handled, and the weight quantized
+    Case("zero-dim-weight", _tensors({"s.weight": torch.tensor(0.5), **LINEAR}), None),
+    Case("one-dim-weight", _tensors({"n.weight": _w(16), **LINEAR}), None),
+    Case("three-dim-weight", _tensors({"t.weight": _w(2, 3, 4), **LINEAR}), None),
+    Case("conv-weight", _tensors({"conv.weight": _w(8, 4, 3, 3), **LINEAR}), None),
+    Case("zero-size-weight", _tensors({"e.weight": torch.zeros(0, 16), **LINEAR}), None),
+    Case("integer-and-bool", _tensors({"i.weight": torch.arange(12, dtype=torch.int32).reshape(3, 4), "b": torch.tensor([True, False]), "u": torch.arange(4, dtype=torch.uint8), **LINEAR}), None),
+    Case("fp8-tensors", _tensors({"f.weight": _w(4, 4).to(torch.float8_e4m3fn), "g.weight": _w(4, 4).to(torch.float8_e5m2), **LINEAR}), None),
     Case("very-long-name", _tensors({("layer." * 170) + "weight": _w(4, 4)}), None),
     Case("non-ascii-names", _tensors({"блок.0.注意.weight": _w(4, 4), "ñ.bias": _w(4)}), None),
     Case("bf16-and-fp16-mix", _tensors({"a.weight": _w(8, 8, dtype=torch.bfloat16), "b.weight": _w(8, 8, dtype=torch.float16)}), None),
-    Case("only-metadata", _tensors({}, metadata={"note": "empty model"}), None),
+    # inputs that would yield nothing useful (no weight quantized): refused, saying why
+    Case("only-metadata", _tensors({}, metadata={"note": "empty model"}), NOTHING + r"the file holds no tensors\)$"),
+    Case("fp8-only", _tensors({"f.weight": _w(4, 4).to(torch.float8_e4m3fn), "g.weight": _w(4, 4).to(torch.float8_e5m2)}), NOTHING + r"2 weights in float8: convert the original bf16/fp16/fp32 file\)$"),
+    Case("no-linear-weight", _tensors({"n.weight": _w(16), "conv.weight": _w(8, 4, 3, 3), "e.weight": torch.zeros(0, 16)}), NOTHING + r"none of its 3 tensors is a 2-D '\.weight'"),
 ]

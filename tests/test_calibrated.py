@@ -184,9 +184,13 @@ def test_cli_calib_end_to_end(tmp_path, capsys):
         out = tmp_path / f"{method}.safetensors"
         assert main(["--input", str(source), "--output", str(out), "--calib", str(stats_path), *extra]) == 0
         outputs[method] = out
-    assert "rounding: calibrated 8, learned 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rounding: calibrated 8, learned 1" in printed
+    assert "calibration objective (output error on the recorded inputs): " in printed
+    assert "(geometric mean over 8 layers," in printed  # the learned embedding has no objective
 
     report = json.loads(report_path_for(outputs["calibrated"]).read_text())
+    assert 0 < report["summary"]["calibration_objective_ratio"] < 1
     methods = {layer["name"]: layer["method"] for layer in report["layers"]}
     assert methods["model.diffusion_model.embed.weight"] == "learned"  # no statistics: data-free
     assert methods["model.diffusion_model.blocks.1.v.weight"] == "calibrated"

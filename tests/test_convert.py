@@ -100,6 +100,9 @@ def test_bad_value_in_the_last_weight_with_and_without_the_scan_up_front(prescan
     class Started:
         names: list[str] = []
 
+        def checking_values(self, name, done_bytes, total_bytes):
+            pass
+
         def tensor_started(self, name, index, total):
             self.names.append(name)
 
@@ -131,6 +134,7 @@ def test_cast_if_exact_rule(save, tmp_path):
         "huge.bias": torch.tensor([1e6]),
         "nan.bias": torch.tensor([float("nan")]),
         "mask": torch.tensor([True, False]),
+        "linear.weight": torch.ones(2, 2),  # something to quantize, so there is an output at all
     })
     out, report = convert(src, tmp_path)
     t = load_file(str(out))
@@ -212,3 +216,61 @@ def test_input_file_is_never_modified(example_model, tmp_path):
     before = example_model.read_bytes()
     convert(example_model, tmp_path, method="learned")
     assert example_model.read_bytes() == before
+
+
+
+class Heard:
+    """A progress listener that keeps what it hears."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def checking_values(self, name, done_bytes, total_bytes):
+        self.events.append(("check", name, done_bytes, total_bytes))
+
+    def tensor_started(self, name, index, total):
+        self.events.append(("start", name))
+
+    def tensor_finished(self, name, index, total, layer):
+        self.events.append(("finish", name))
+
+
+@pytest.mark.parametrize(
+    "output_format,prescan,weights_checked", [("scaled", True, True), ("scaled", False, False), ("plain", None, True)]
+)
+def test_the_value_checks_before_writing_are_reported_in_bytes(output_format, prescan, weights_checked, save, tmp_path):
+    tensors = {
+        "a.weight": torch.randn(64, 32),
+        "b.weight": torch.randn(16, 32, dtype=torch.bfloat16),
+        "a.bias": torch.tensor([0.5, 0.25]),  # exact cast: checked
+        "norm.weight": torch.rand(32),  # checked
+        "half.bias": torch.ones(4, dtype=torch.float16),  # already float16: nothing to check
+    }
+    src = save(tensors)
+    heard = Heard()
+    options = ConvertOptions(method="rtn", format=output_format, prescan=prescan)
+    convert_file(src, tmp_path / "o.safetensors", options, listener=heard)
+    checks = [event for event in heard.events if event[0] == "check"]
+    assert heard.events[: len(checks)] == checks, "all checks come before the first tensor"
+    checked = {"a.bias", "norm.weight"} | ({"a.weight", "b.weight"} if weights_checked else set())
+    assert {name for _, name, _, _ in checks} == checked and len(checks) == len(checked)
+    nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    total = sum(nbytes[name] for name in checked)
+    done = 0
+    for _, name, done_bytes, total_bytes in checks:
+        assert (done_bytes, total_bytes) == (done, total)
+        done += nbytes[name]
+
+
+def test_summary_shows_what_the_method_bought_over_round_to_nearest(example_model, tmp_path):
+    _, nearest = convert(example_model, tmp_path, name="rtn.safetensors", method="rtn")
+    _, learned = convert(example_model, tmp_path, name="learned.safetensors", method="learned")
+    # the learned run measures round-to-nearest on its way: the same figure an rtn run reports
+    assert learned.nearest_relative_error == pytest.approx(nearest.relative_error, rel=1e-6)
+    assert learned.relative_error != nearest.relative_error
+    assert nearest.nearest_relative_error == nearest.relative_error
+    learned_line = next(line for line in learned.summary_lines() if line.startswith("overall relative error"))
+    assert f"(round-to-nearest: {nearest.relative_error:.3e})" in learned_line
+    rtn_line = next(line for line in nearest.summary_lines() if line.startswith("overall relative error"))
+    assert "round-to-nearest" not in rtn_line  # nothing to compare with
+    assert learned.objective_ratio is None  # no layer was rounded on input statistics

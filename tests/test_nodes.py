@@ -103,7 +103,6 @@ def quantize(source, method: str = "learned", **overrides):
         method=method,
         num_iter=16,
         top_k=1,
-        calib_samples=3072,
         t5xxl=False,
         keep_distillation=False,
         exclude="",
@@ -157,7 +156,7 @@ def test_quantize_widgets_are_the_declared_rounding_settings(comfy_env) -> None:
     required = LearnedRoundingFP16.INPUT_TYPES()["required"]
     assert required["method"][0] == ["auto", *METHODS] and required["method"][1]["default"] == "auto"
     for setting in SETTINGS:
-        if not setting.offered:
+        if not setting.is_widget:  # fixed, or a flag kept only for the original script's command lines
             assert setting.name not in required
             continue
         kind, options = required[setting.name]
@@ -258,6 +257,17 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
     assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
 
 
+@pytest.mark.parametrize("comfy_device", ["mps", "xpu", "privateuseone:0"])  # privateuseone: DirectML
+def test_a_device_the_converter_cannot_use_falls_back_to_the_cpu(comfy_device, checkpoint, comfy_env, monkeypatch, caplog):
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device(comfy_device))
+    (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
+    with caplog.at_level("INFO"):
+        handle, summary = quantize(source, method="rtn")["result"]
+    assert "4 quantized" in summary and Path(handle.path).exists()
+    (line,) = [r.getMessage() for r in caplog.records if comfy_device in r.getMessage()]
+    assert "the conversion runs on the CPU" in line
+
+
 def test_plain_format_through_the_nodes_is_read_by_comfyuis_own_layers(checkpoint: Path, comfy_env) -> None:
     """format plain: no scales, and a weight beyond float16 (the net's `up`, 1.5e5) kept and named in the summary."""
     (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
@@ -285,7 +295,13 @@ def test_report_reaches_progress_bar_front_end_and_ui(checkpoint: Path, comfy_en
     assert updates == [(i, total, "7") for i in range(1, total + 1)]
     sent = comfy_env["server"].sent
     texts = [data["text"] for event, data, _ in sent if event == "progress_text"]
-    assert len(texts) == total and texts[0].startswith(f"1/{total} ")
+    checks = [text for text in texts if text.startswith("checking values ")]
+    assert checks and texts[: len(checks)] == checks, "the value checks come first, as progress text"
+    percents = [int(text.split()[2].rstrip("%")) for text in checks]
+    assert percents[0] == 0 and percents == sorted(percents) and percents[-1] < 100
+    assert {text.split()[3] for text in checks} >= {PREFIX + "up.weight", PREFIX + "down.weight"}  # scales up front
+    tensors = texts[len(checks) :]
+    assert len(tensors) == total and tensors[0].startswith(f"1/{total} ")
     layer_events = [data for event, data, _ in sent if event == LAYER_EVENT]
     (payload,) = out["ui"]["quant_report"]
     assert [e["layer"] for e in layer_events] == payload["layers"]

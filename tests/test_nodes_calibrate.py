@@ -120,7 +120,7 @@ def test_quantize_with_calibration_uses_it_where_layers_match(folders) -> None:
     save_file(weights, str(folders["text_encoders"] / "encoder.safetensors"))
     (source,) = LoadCheckpointForQuant().load("text_encoders/encoder.safetensors", "everything")
     result = LearnedRoundingFP16().quantize(
-        source, "calibrated", 64, 1, 3072, False, False, "", calibration=stats, unique_id="1"
+        source, "calibrated", 64, 1, False, False, "", calibration=stats, unique_id="1"
     )
     handle = result["result"][0]
     report = handle.report

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.cli import main as cli_main
+from quant_core.staging import StagedFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +61,7 @@ def run_node_graph(source: Path, output: Path) -> None:
     from learned_rounding_fp16_pack.nodes.save import SaveScaledFP16
 
     (handle,) = LoadCheckpointForQuant().load(f"checkpoints/{source.name}", "everything")
-    scaled = LearnedRoundingFP16().quantize(handle, "auto", 256, 1, 3072, False, False, "", unique_id="1")["result"][0]
+    scaled = LearnedRoundingFP16().quantize(handle, "auto", 256, 1, False, False, "", unique_id="1")["result"][0]
     saved = SaveScaledFP16().save(scaled, output.stem, "output")["result"][0]
     produced = output.parent / saved
     produced.rename(output)
@@ -166,11 +168,36 @@ def test_disk_full_leaves_nothing(example_model: Path, tmp_path: Path) -> None:
     assert list(out_dir.iterdir()) == []
 
 
+def test_too_little_free_space_is_refused_before_any_work(example_model: Path, tmp_path: Path) -> None:
+    """A 1 MiB filesystem (a tmpfs in a private mount namespace) as the output folder: refused up front with the
+    exact size the output has (compared with a real output), the free space, and nothing created there."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "--map-root-user", "true"]).returncode:
+        pytest.skip("needs unshare with user namespaces, for a small filesystem of its own")
+    reference = tmp_path / "ref" / "o.safetensors"
+    assert cli_main(["--input", str(example_model), "--output", str(reference), "--method", "rtn", "-q"]) == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {small} || exit 77; "
+        f"{sys.executable} -m quant_core --input {example_model} --output {small}/sub/o.safetensors --method rtn -q; "
+        f"code=$?; ls -A {small}; exit $code"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode == 77:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    size = reference.stat().st_size
+    assert result.returncode == 1 and result.stdout == "", result.stderr  # `ls` lists nothing: no folder, no file
+    assert result.stderr == (
+        f"error: {small}/sub: not enough free space for the output: {size / 2**20:.1f} MiB ({size:,} bytes) needed, "
+        "1.0 MiB (1,048,576 bytes) free; free some space there or write the output elsewhere\n"
+    )
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_run_leaves_nothing(sig: int, tmp_path: Path) -> None:
-    source = tmp_path / "big.safetensors"
-    g = torch.Generator().manual_seed(0)
-    save_file({f"l{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(24)}, str(source))
+    source = _big_model(tmp_path)
     before = sha256(source)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -185,6 +212,62 @@ def test_signal_mid_run_leaves_nothing(sig: int, tmp_path: Path) -> None:
     assert "no output was written" in err
     assert list(out_dir.iterdir()) == []
     assert sha256(source) == before
+
+
+def _big_model(folder: Path) -> Path:
+    source = folder / "big.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"l{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(24)}, str(source))
+    return source
+
+
+def test_a_killed_runs_partial_file_is_removed_by_the_next_run_which_says_so(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) leaves the hidden file; its process is gone, so the next run removes it."""
+    source = _big_model(tmp_path)
+    out_dir = tmp_path / "out"
+    output = out_dir / "o.safetensors"
+    proc = _cli(["--input", str(source), "--output", str(output), "-q"])
+
+    def written() -> int:  # bytes of data in the hidden file so far
+        return sum(p.stat().st_blocks * 512 for p in out_dir.glob(".*.partial")) if out_dir.exists() else 0
+
+    deadline = time.monotonic() + 120
+    while written() < 2**20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    proc.kill()
+    proc.communicate(timeout=60)
+    (left,) = out_dir.glob(".*.partial")
+    on_disk = left.stat().st_blocks * 512
+    rerun = _cli(["--input", str(source), "--output", str(output), "--method", "rtn"])
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    warning = [line for line in err.splitlines() if "stale" in line]
+    assert warning == [
+        f"WARNING: removed 1 stale partial file of o.safetensors in {out_dir}, left by an interrupted run "
+        f"({on_disk / 2**20:.1f} MiB freed)"
+    ]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["o.report.json", "o.safetensors"]
+
+
+def test_partial_files_of_live_processes_and_others_are_left_alone(example_model: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o.safetensors"
+    with StagedFile(tmp_path, output.name) as live:  # this process: alive
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        host, _pid, rest = live.path.name[len(".o.safetensors."):].replace("-", ".", 1).split(".", 2)
+        others = [
+            f".o.safetensors.{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}.abcdefgh.partial",  # other host
+            f".o.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.tmp",  # not our form
+            f".other.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.partial",  # another target
+            ".o.safetensors.abcdefgh.partial",  # no owner in the name
+        ]
+        for name in others:
+            (tmp_path / name).write_bytes(b"x")
+        stale = tmp_path / f".o.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.partial"
+        stale.write_bytes(b"x" * 5000)
+        convert_file(example_model, output, ConvertOptions(method="rtn"))
+        assert not stale.exists()
+        assert live.path.exists() and all((tmp_path / name).exists() for name in others)
 
 
 # --- random models, random corruption ----------------------------------------------------------
