@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import QuantError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ConvertOptions", "QuantError", "__version__", "convert_file", "default_output_path"]
 _FROM_CONVERT = ("ConvertOptions", "convert_file", "default_output_path")
 

@@ -4,15 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from quant_core import ConvertOptions, convert_file
+from quant_core import ConvertOptions, __version__, convert_file
 from quant_core.cli import build_parser, main
-from quant_core.convert import default_output_path
+from quant_core.convert import TOOL_NAME, default_output_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,3 +195,12 @@ def test_verbose_log_lines_never_land_inside_the_progress_bar(example_model, tmp
     for line in logged:
         assert line.split("\r")[-1].startswith("DEBUG: "), repr(line)  # what is left after the bar was cleared
     assert 0 <= result.stderr.index("checking values") < result.stderr.index("converting"), "no silent scan first"
+
+
+def test_version_is_the_package_version(capsys):
+    """--version and the files' `quant.tool` name the version the package (and the registry) publishes."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert __version__ == project["version"]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == TOOL_NAME == f"learned-rounding-fp16 {project['version']}"
