@@ -14,7 +14,7 @@ so that a rounding computed from some of them can be judged on another it never 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,6 +73,8 @@ class InputStatistics:
         """
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {alpha}")
+        if alpha == 0.0:
+            return replace(self, folds=())
         if self.second_moment is not None:
             h = self.second_moment.to(torch.float64, copy=True)
             diagonal = h.diagonal().clone()
