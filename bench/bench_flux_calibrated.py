@@ -12,7 +12,10 @@ a low effective rank (a decaying spectrum over 96 directions), a few outlier cha
 non-zero mean, and one conditioning vector per forward (as a timestep/prompt embedding is).
 
 Statistics are recorded through the real `StatisticsRecorder`, with the default `max_full_dim`
-(every Flux input is wider: rank-256 summaries) and, with --full-moments, with full second moments.
+(every Flux input is wider: rank-256 summaries) and, with --full-moments, with full second moments;
+in the default 2 folds (alternate forwards), so `calibrated` runs its held-out check
+(quant_core/held_out.py). The same statistics merged and saved without folds give the kernel without
+the check, the baseline of the check's cost.
 Each conversion runs the real converter (`quant_core.convert_file`) in its own process, RSS sampled
 from /proc (bench/memory.py); the report gives per-layer seconds. RTN runs in the same run, so
 every time is also a ratio to it. Held-out error: ||X (W - Q)^T|| on hidden states from seeds the
@@ -25,6 +28,7 @@ Writes bench/results/flux_calibrated.md and prints it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -149,6 +153,14 @@ def forwards(block: Block, count: int, tokens: int, first_seed: int):
 # ---- workers (each in its own process, so that its memory is measured alone) ----
 
 
+def without_folds(stats):
+    """The same statistics, merged, as a file from before folds holds them: the kernel then runs unchecked."""
+    from quant_core.calibration import CalibrationStatistics
+
+    inputs = {group: dataclasses.replace(stats.inputs[group], folds=()) for group in stats.inputs}
+    return CalibrationStatistics(stats.layers, inputs, stats.model, stats.forward_calls, stats.settings)
+
+
 def worker_record(args: argparse.Namespace) -> None:
     from quant_core.calibration import StatisticsRecorder, save_statistics
 
@@ -161,6 +173,8 @@ def worker_record(args: argparse.Namespace) -> None:
         stats = recorder.statistics(model=f"flux-shaped {args.kind} block")
     seconds = time.perf_counter() - started
     save_statistics(stats, args.out)
+    if args.unfolded:
+        save_statistics(without_folds(stats), args.unfolded)
     print(json.dumps({"seconds": seconds, "recorder_bytes": memory, "file_bytes": Path(args.out).stat().st_size}))
 
 
@@ -205,11 +219,13 @@ class Run:
     source: str  # "fp32" or "bf16": which model file it converts
     code: Path  # whose quant_core runs it
     baseline: str  # the RTN run it is compared with (same source, same code)
+    unchecked: str | None = None  # the run of the kernel without the held-out check on the same statistics
 
 
 def planned_runs(args: argparse.Namespace, stats_kinds: list[str]) -> list[Run]:
     runs = [Run("rtn", "rtn", None, "fp32", ROOT, "rtn")]
-    runs += [Run(f"calibrated, {s}", "calibrated", s, "fp32", ROOT, "rtn") for s in stats_kinds]
+    runs += [Run(f"calibrated, {s}", "calibrated", s, "fp32", ROOT, "rtn", f"calibrated, {s}, no check") for s in stats_kinds]
+    runs += [Run(f"calibrated, {s}, no check", "calibrated", f"{s}, no folds", "fp32", ROOT, "rtn") for s in stats_kinds]
     runs += [
         Run("rtn, bf16 source", "rtn", None, "bf16", ROOT, "rtn, bf16 source"),
         Run("calibrated, summary, bf16 source", "calibrated", "summary", "bf16", ROOT, "rtn, bf16 source"),
@@ -265,6 +281,7 @@ def main() -> None:
         parser.add_argument("--kind")
         parser.add_argument("--model")
         parser.add_argument("--out")
+        parser.add_argument("--unfolded", default="")
         parser.add_argument("--max_full_dim", type=int)
         parser.add_argument("--forwards", type=int)
         parser.add_argument("--tokens", type=int)
@@ -302,14 +319,17 @@ def main() -> None:
         del state
         for stats_kind in stats_kinds:
             path = work / f"{kind}_{stats_kind}.calib.safetensors"
+            unfolded = work / f"{kind}_{stats_kind}_nofolds.calib.safetensors"
             max_full_dim = 2048 if stats_kind == "summary" else 16384
             result, sampled = run_worker(
                 f"{kind}: record {stats_kind}",
-                ["record", "--kind", kind, "--model", str(models["fp32"]), "--out", str(path),
+                ["record", "--kind", kind, "--model", str(models["fp32"]), "--out", str(path), "--unfolded", str(unfolded),
                  "--max_full_dim", str(max_full_dim), "--forwards", str(args.forwards), "--tokens", str(args.tokens)],
                 threads=args.threads,
             )
             recordings[(kind, stats_kind)] = {**result, "peak": sampled.peak_rss_anon, "path": path}
+            unfolded_file = {"file_bytes": unfolded.stat().st_size, "path": unfolded}
+            recordings[(kind, f"{stats_kind}, no folds")] = {**result, **unfolded_file, "peak": sampled.peak_rss_anon}
         outputs = {}
         for number, run in enumerate(runs):
             out = work / f"{kind}_{number}.out.safetensors"
@@ -391,9 +411,9 @@ def render(runs: list[Run], results: dict, recordings: dict, args: argparse.Name
         "largest input's statistics + 300 MiB. Each run is compared with round-to-nearest on the same source by the "
         "same code, in this run:",
         "",
-        "| run | time (s) | vs RTN | peak RssAnon (MiB) | bound (MiB) | within | held-out output error vs RTN "
-        "| identical to RTN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | time (s) | vs RTN | vs the kernel without the check | peak RssAnon (MiB) | bound (MiB) | within "
+        "| held-out output error vs RTN | identical to RTN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         mine = [results[(k, run.label)] for k in kinds]
@@ -406,8 +426,11 @@ def render(runs: list[Run], results: dict, recordings: dict, args: argparse.Name
         peak = max(r["peak"] for r in mine)
         seconds = sum(r["seconds"] for r in mine)
         identical = "yes" if all(r["same_as_baseline"] for r in mine) else "no"
+        unchecked = "-"
+        if run.unchecked:
+            unchecked = _ratio(seconds, sum(results[(k, run.unchecked)]["seconds"] for k in kinds))
         lines.append(
-            f"| {run.label} | {seconds:.1f} | {_ratio(seconds, sum(r['seconds'] for r in base))} | {peak / MiB:.0f} | "
+            f"| {run.label} | {seconds:.1f} | {_ratio(seconds, sum(r['seconds'] for r in base))} | {unchecked} | {peak / MiB:.0f} | "
             f"{bound / MiB:.0f} | {'yes' if peak <= bound else 'no'} | {_ratio(math.sqrt(error), math.sqrt(base_error))} "
             f"| {identical} |"
         )

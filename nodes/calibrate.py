@@ -5,11 +5,16 @@ The statistics (input mean and second moment per distinct layer input, bounded i
 `max_full_dim`) come from quant_core's StatisticsRecorder; these nodes only drive ComfyUI's
 sampler or text encoder with the recorder attached, and save/load the result as a file in
 `models/calibration` (the same file the CLI takes with `--calib`).
+
+The statistics are recorded in folds that split the *text*: each conditioning (each prompt, the
+negative) of the diffusion model, each prompt of a text encoder, goes to one fold, so the converter
+can check every layer's rounding on text it was not computed from (quant_core.held_out).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,39 @@ def recorded_steps(steps: int, record_steps: int) -> set[int]:
     if record_steps <= 0 or record_steps >= steps:
         return set(range(steps))
     return {math.floor(i * steps / record_steps) for i in range(record_steps)}
+
+
+class ConditioningFolds:
+    """A model function wrapper that puts each conditioning's batch rows in one fold of the recorder.
+
+    ComfyUI runs the prompts and the negative of a step in one batch, one chunk per conditioning
+    (`cond_or_uncond`), and names each conditioning with a uuid that stays the same for the whole
+    sampling (`transformer_options["uuids"]`). Folds follow the order in which conditionings first
+    appear (prompt 1, prompt 2, ..., the negative, alternately into the folds), so every seed and
+    step of one text lands in the same fold. A wrapper already set on the model is called inside this one.
+    """
+
+    def __init__(self, recorder: StatisticsRecorder, inner: Callable | None = None):
+        self.recorder = recorder
+        self.inner = inner
+        self.order: dict[object, int] = {}
+
+    def fold_of(self, key: object) -> int:
+        return self.order.setdefault(key, len(self.order)) % self.recorder.folds
+
+    def __call__(self, apply_model: Callable, args: dict) -> Any:
+        x, chunks = args["input"], args["cond_or_uncond"]
+        uuids = args["c"].get("transformer_options", {}).get("uuids")
+        keys = uuids or [f"chunk{i}:{kind}" for i, kind in enumerate(chunks)]
+        rows = x.shape[0] // max(1, len(keys))
+        folds = [self.fold_of(key) for key in keys for _ in range(rows)]
+        self.recorder.assign_folds(folds if len(folds) == x.shape[0] else None)
+        try:
+            if self.inner is not None:
+                return self.inner(apply_model, args)
+            return apply_model(x, args["timestep"], **args["c"])
+        finally:
+            self.recorder.assign_folds(None)
 
 
 def summary_text(stats: CalibrationStatistics, what: str) -> str:
@@ -122,6 +160,9 @@ class CalibrateForQuantFP16:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         recorder = StatisticsRecorder(model.model.diffusion_model, max_full_dim=max_full_dim)
+        model = model.clone()  # the wrapper is set on this sampling's copy only
+        inner = model.model_options.get("model_function_wrapper")
+        model.set_model_unet_function_wrapper(ConditioningFolds(recorder, inner))
         wanted = recorded_steps(steps, record_steps)
         preview = latent_preview.prepare_callback(model, steps)
 
@@ -193,6 +234,7 @@ class CalibrateTextEncoderForQuantFP16:
         with StatisticsRecorder(clip.cond_stage_model, max_full_dim=max_full_dim) as recorder:
             for done, line in enumerate(lines, 1):
                 comfy.model_management.throw_exception_if_processing_interrupted()
+                recorder.assign_folds((done - 1) % recorder.folds)  # whole prompts per fold
                 clip.encode_from_tokens(clip.tokenize(line))
                 bar.update_absolute(done, len(lines))
         stats = recorder.statistics(model=type(clip.cond_stage_model).__name__, extra={"calib.kind": "text_encoder"})

@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .calibrated import calibrated_rounding, updown_rounding
+from .calibrated import updown_rounding
 from .errors import QuantError
+from .held_out import checked_calibrated_rounding
 from .learned import learned_rounding
 from .rounding import RoundingMethod, round_nearest
 
@@ -88,10 +89,11 @@ METHODS: dict[str, Method] = {
         Method("rtn", round_nearest, False, (), "round-to-nearest, fastest"),
         Method(
             "calibrated",
-            calibrated_rounding,
+            checked_calibrated_rounding,
             True,
             (),
-            "error feedback on recorded input statistics, the smallest output error",
+            "error feedback on recorded input statistics, the smallest output error, kept per layer only where it "
+            "beats round-to-nearest on a part of the statistics its rounding did not see",
         ),
         Method("updown", updown_rounding, True, (), "each value one of its two float16 neighbours, on recorded statistics"),
     )

@@ -137,7 +137,9 @@ def test_memory_cap_keeps_an_eigen_summary_exact_for_low_rank_inputs():
         assert recorder.memory_bytes < n * n * 8  # never the full n x n
     stats = recorder.statistics().for_layer("")
     assert not stats.is_full and stats.eigenvectors.shape == (n, 8)
-    assert stats.memory_bytes == (n * 8 + 8 + 2 * n) * 8
+    summary_bytes = (n * 8 + 8 + 2 * n) * 8
+    assert len(stats.folds) == 2 and all(not fold.is_full for fold in stats.folds)
+    assert stats.memory_bytes == 3 * summary_bytes  # the merge made for this use, and the two folds it came from
     x = torch.cat(batches).double()
     torch.testing.assert_close(stats.hessian(), x.T @ x / x.shape[0], rtol=1e-9, atol=1e-9)
 

@@ -6,10 +6,11 @@ tiny SD1.x checkpoint on calibration prompts (combined with ConditioningCombine,
 evaluates each of them; the latent batch gives one noise per seed) while CalibrateForQuantFP16
 records the UNet's Linear inputs, then converts the checkpoint's diffusion model twice, calibrated
 (method auto with the calibration connected) and RTN, and saves both. A second graph loads both files
-with ScaledFP16Loader and runs the original and the two quantized UNets on held-out prompts and
-seeds: single denoiser evaluations (KSamplerAdvanced, one euler step to sigma 0 from each of the 4 noise
-levels of a 4-step schedule: the output is the model's denoised estimate) and the 4-step sample. The
-error of each against the original is compared.
+with ScaledFP16Loader and runs the original and the two quantized UNets on held-out prompts, seeds and
+negative prompts: without guidance (cfg 1), and at cfg 7 with two negatives the calibration never saw
+and with an empty one; each as single denoiser evaluations (KSamplerAdvanced, one euler step to sigma 0
+from each of the 4 noise levels of a 4-step schedule: the output is the model's denoised estimate) and
+the 4-step sample. The error of each against the original is compared.
 
 bench/bench_calibration_comfyui.py reuses these graph builders for its sweep over prompts/steps.
 """
@@ -44,7 +45,14 @@ HELD_OUT_PROMPTS = (
     "an astronaut riding a horse on the moon",
     "a close-up of a pocket watch on old paper",
 )
-NEGATIVE = "blurry, low quality"
+NEGATIVE = "blurry, low quality"  # the calibration's (the example workflow's)
+# (name, cfg, negative) of the held-out evaluations: no negative the calibration saw
+HELD_OUT_SETTINGS = (
+    ("cfg1", 1.0, "ugly, deformed hands, watermark, text, jpeg artifacts"),
+    ("cfg7-unseen", 7.0, "ugly, deformed hands, watermark, text, jpeg artifacts"),
+    ("cfg7-unseen2", 7.0, "cartoon, 3d render, oversaturated"),
+    ("cfg7-empty", 7.0, ""),
+)
 CALIBRATION_SEED = 1
 HELD_OUT_SEED = 1234  # its batch's noises differ from the calibration seed's
 LATENT = {"width": 64, "height": 64}  # 8x8 latents: CPU size
@@ -54,7 +62,6 @@ SCHEDULE_STEPS = 4
 # (cfg-batched) denoiser evaluation at the schedule's k-th sigma (its output is the denoised estimate);
 # (0, 4) the whole 4-step sample
 EVALUATIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 4))
-CFG = 7.0
 
 
 def calibration_graph(
@@ -92,7 +99,7 @@ def calibration_graph(
     return graph
 
 
-def evaluation_graph(unets: dict[str, str | None], tag: str) -> dict:
+def evaluation_graph(unets: dict[str, str | None], tag: str, settings=HELD_OUT_SETTINGS) -> dict:
     """Held-out sampling with each UNet (None: the checkpoint's own, i.e. the original); every result saved as a latent.
 
     Text encoding uses the checkpoint's CLIP for all of them, so only the UNet differs.
@@ -100,9 +107,10 @@ def evaluation_graph(unets: dict[str, str | None], tag: str) -> dict:
     checkpoint = load_workflow(WORKFLOW)[1]["1"]["inputs"]["ckpt_name"]
     graph: dict = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {**LATENT, "batch_size": HELD_OUT_BATCH}},
     }
+    for s, (_, _, negative) in enumerate(settings):
+        graph[f"neg{s}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["ckpt", 1]}}
     for p, text in enumerate(HELD_OUT_PROMPTS):
         graph[f"pos{p}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
     for name, unet in unets.items():
@@ -114,8 +122,10 @@ def evaluation_graph(unets: dict[str, str | None], tag: str) -> dict:
                 "inputs": {"unet_name": unet, "clip_name": "None", "clip_name2": "None", "type": "stable_diffusion"},
             }
             model = [f"load_{name}", 0]
-        for p, (e, (start, end)) in itertools.product(range(len(HELD_OUT_PROMPTS)), enumerate(EVALUATIONS)):
-            sampler = f"ks_{name}_{p}_{e}"
+        for (s, (_, cfg, _)), p, (e, (start, end)) in itertools.product(
+            enumerate(settings), range(len(HELD_OUT_PROMPTS)), enumerate(EVALUATIONS)
+        ):
+            sampler = f"ks_{name}_{s}_{p}_{e}"
             graph[sampler] = {
                 "class_type": "KSamplerAdvanced",
                 "inputs": {
@@ -123,20 +133,20 @@ def evaluation_graph(unets: dict[str, str | None], tag: str) -> dict:
                     "add_noise": "enable",
                     "noise_seed": HELD_OUT_SEED + p,
                     "steps": SCHEDULE_STEPS,
-                    "cfg": CFG,
+                    "cfg": cfg,
                     "sampler_name": "euler",
                     "scheduler": "normal",
                     "positive": [f"pos{p}", 0],
-                    "negative": ["neg", 0],
+                    "negative": [f"neg{s}", 0],
                     "latent_image": ["latent", 0],
                     "start_at_step": start,
                     "end_at_step": end,
                     "return_with_leftover_noise": "disable",
                 },
             }
-            graph[f"save_{name}_{p}_{e}"] = {
+            graph[f"save_{name}_{s}_{p}_{e}"] = {
                 "class_type": "SaveLatent",
-                "inputs": {"samples": [sampler, 0], "filename_prefix": f"heldout/{tag}/{name}_{p}_{e}"},
+                "inputs": {"samples": [sampler, 0], "filename_prefix": f"heldout/{tag}/{name}_{s}_{p}_{e}"},
             }
     return graph
 
@@ -145,22 +155,25 @@ def saved_name(outputs: dict, node: str) -> str:
     return outputs[node]["saved"][0]["filename"]
 
 
-def held_out_latents(server: Server, outputs: dict, names: list[str]) -> dict[str, dict[int, list[torch.Tensor]]]:
-    """name -> evaluation index -> the latents of every held-out prompt."""
-    latents: dict[str, dict[int, list[torch.Tensor]]] = {n: {e: [] for e in range(len(EVALUATIONS))} for n in names}
-    for node, out in sorted(outputs.items()):
+Evaluation = tuple[int, int]  # (setting index, EVALUATIONS index)
+
+
+def held_out_latents(server: Server, outputs: dict, names: list[str]) -> dict[str, dict[Evaluation, list[torch.Tensor]]]:
+    """name -> (setting, evaluation) -> the latents of every held-out prompt, in prompt order."""
+    latents: dict[str, dict[Evaluation, list[torch.Tensor]]] = {n: {} for n in names}
+    for node, out in sorted(outputs.items()):  # prompt order within each (setting, evaluation)
         if not node.startswith("save_"):
             continue
-        name, _, e = node[len("save_"):].rsplit("_", 2)
+        name, s, _, e = node[len("save_") :].rsplit("_", 3)
         (entry,) = out["latents"]
         path = server.base / "output" / entry["subfolder"] / entry["filename"]
-        latents[name][int(e)].append(load_file(str(path))["latent_tensor"].float())
+        latents[name].setdefault((int(s), int(e)), []).append(load_file(str(path))["latent_tensor"].float())
     return latents
 
 
-def output_errors(latents: dict, reference: str = "original") -> dict[str, dict[int, float]]:
+def output_errors(latents: dict, reference: str = "original") -> dict[str, dict[Evaluation, float]]:
     """Relative L2 error against the original's outputs, per model and evaluation (all prompts and seeds together)."""
-    errors: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[Evaluation, float]] = {}
     for name, per_eval in latents.items():
         if name == reference:
             continue
@@ -207,20 +220,23 @@ def test_calibrate_quantize_save_writes_calibration_and_both_models(server: Serv
     assert "calibration/sd15_unet_00001.safetensors" in listed["calibration_name"][0]
 
 
-def test_calibrated_model_is_closer_to_the_original_on_held_out_prompts(server: Server, calibrated: dict) -> None:
+def test_calibrated_model_is_closer_to_the_original_on_held_out_prompts_seeds_and_negatives(
+    server: Server, calibrated: dict
+) -> None:
     unets = {"original": None, "calibrated": saved_name(calibrated, "11"), "rtn": saved_name(calibrated, "13")}
     outputs = server.run(evaluation_graph(unets, "test"), timeout=PROMPT_TIMEOUT)
     errors = output_errors(held_out_latents(server, outputs, list(unets)))
-    ratios = {e: errors["calibrated"][e] / errors["rtn"][e] for e in range(len(EVALUATIONS))}
+    ratios = {key: errors["calibrated"][key] / errors["rtn"][key] for key in errors["rtn"]}
+    assert len(ratios) == len(HELD_OUT_SETTINGS) * len(EVALUATIONS)
     print()
-    for e, (start, end) in enumerate(EVALUATIONS):
+    for (s, e), ratio in sorted(ratios.items()):
+        start, end = EVALUATIONS[e]
         print(
-            f"held-out steps {start}..{end} of {SCHEDULE_STEPS}: "
-            f"relative error calibrated {errors['calibrated'][e]:.3e}, "
-            f"rtn {errors['rtn'][e]:.3e}, ratio {ratios[e]:.3f}"
+            f"{HELD_OUT_SETTINGS[s][0]}, held-out steps {start}..{end} of {SCHEDULE_STEPS}: relative error "
+            f"calibrated {errors['calibrated'][s, e]:.3e}, rtn {errors['rtn'][s, e]:.3e}, ratio {ratio:.3f}"
         )
     overall = geometric_mean(ratios.values())
     print(f"geometric-mean ratio calibrated/rtn: {overall:.3f}")
-    assert all(0 < errors["rtn"][e] < 1e-2 for e in ratios), "float16-level error for both"
+    assert all(0 < errors["rtn"][key] < 1e-2 for key in ratios), "float16-level error for both"
     assert all(r < 1.0 for r in ratios.values()), ratios
-    assert overall < 0.9, ratios
+    assert overall <= 0.85, ratios

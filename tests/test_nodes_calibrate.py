@@ -18,6 +18,7 @@ pack = harness.import_pack()
 from learned_rounding_fp16_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from learned_rounding_fp16_pack.nodes.calibrate import (  # noqa: E402
     CalibrateTextEncoderForQuantFP16,
+    ConditioningFolds,
     LoadCalibrationFP16,
     SaveCalibrationFP16,
     recorded_steps,
@@ -25,6 +26,7 @@ from learned_rounding_fp16_pack.nodes.calibrate import (  # noqa: E402
 from learned_rounding_fp16_pack.nodes.checkpoint import LoadCheckpointForQuant  # noqa: E402
 from learned_rounding_fp16_pack.nodes.quantize import LearnedRoundingFP16  # noqa: E402
 from learned_rounding_fp16_pack.quant_core import QuantError  # noqa: E402
+from learned_rounding_fp16_pack.quant_core.calibration import StatisticsRecorder  # noqa: E402
 
 
 class TinyEncoder(torch.nn.Module):
@@ -88,6 +90,38 @@ def test_text_encoder_statistics_equal_direct_computation(folders) -> None:
     torch.testing.assert_close(q.hessian(), x.T @ x / x.shape[0])
     assert stats.layers["q"] == stats.layers["k"] == stats.layers["v"] != stats.layers["fc"]  # q/k/v share one input
     assert "3 prompts" in summary and "17 tokens" in summary
+    assert [fold.count for fold in q.folds] == [12, 5]  # whole prompts alternate: prompts 1 and 3, prompt 2
+    first = x[:6]
+    torch.testing.assert_close(q.folds[1].mean, x[6:11].mean(0))
+    torch.testing.assert_close(q.folds[0].second_moment, (first.T @ first + x[11:].T @ x[11:]) / 12)
+
+
+def test_each_conditioning_of_a_sampling_batch_goes_to_one_fold() -> None:
+    """ComfyUI's model function wrapper call: one chunk of rows per conditioning, named by its uuid."""
+    layer = torch.nn.Linear(4, 2)
+    recorder = StatisticsRecorder(layer)
+    seen = []
+
+    def inner(apply_model, args):  # a wrapper set before ours (e.g. by another node) still runs
+        seen.append(args["cond_or_uncond"])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    wrapper = ConditioningFolds(recorder, inner)
+
+    def apply_model(x, t, transformer_options):
+        return layer(x)
+
+    steps = [torch.randn(6, 3, 4) for _ in range(2)]  # 2 rows (seeds) x 3 conditionings per step
+    with recorder:
+        wrapper(apply_model, {"input": steps[0], "timestep": None, "cond_or_uncond": [0, 0, 1],
+                              "c": {"transformer_options": {"uuids": ["p1", "p2", "neg"]}}})
+        wrapper(apply_model, {"input": steps[1][[2, 3, 4, 5, 0, 1]], "timestep": None, "cond_or_uncond": [0, 1, 0],
+                              "c": {"transformer_options": {"uuids": ["p2", "neg", "p1"]}}})
+    stats = recorder.statistics().for_layer("")
+    assert seen == [[0, 0, 1], [0, 1, 0]]
+    fold0 = torch.cat([steps[0][[0, 1, 4, 5]], steps[1][[0, 1, 4, 5]]]).reshape(-1, 4).double()  # p1 and neg
+    assert [fold.count for fold in stats.folds] == [24, 12]
+    torch.testing.assert_close(stats.folds[0].second_moment, fold0.T @ fold0 / 24)
 
 
 def test_empty_prompt_list_is_refused(folders) -> None:

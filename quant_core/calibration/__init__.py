@@ -13,17 +13,19 @@ belongs to which weight of a file). The names below are the public ones:
 
 from .matching import match_weight_keys, statistics_for_weights
 from .recorder import DEFAULT_MAX_FULL_DIM, DEFAULT_SUMMARY_RANK, StatisticsRecorder
-from .statistics import CalibrationStatistics, InputStatistics
+from .statistics import CalibrationStatistics, FoldedInputs, InputStatistics, merge_statistics
 from .statistics_file import load_statistics, save_statistics
 
 __all__ = [
     "DEFAULT_MAX_FULL_DIM",
     "DEFAULT_SUMMARY_RANK",
     "CalibrationStatistics",
+    "FoldedInputs",
     "InputStatistics",
     "StatisticsRecorder",
     "load_statistics",
     "match_weight_keys",
+    "merge_statistics",
     "save_statistics",
     "statistics_for_weights",
 ]

@@ -14,6 +14,12 @@ dimensions; beyond, the dropped tail of earlier merges is lost from the off-diag
 
 Tokens are the rows of the input reshaped to (-1, n): pad tokens count like any other, so record
 without padding (a batch of one, or sequences of equal length).
+
+Every input is recorded in `folds` (default 2) disjoint parts of the data, so that the converter can
+judge a rounding on data it was not computed from (quant_core.held_out). Forward calls alternate
+between folds unless the driver knows better and says so with `assign_folds` (the ComfyUI node puts
+each conditioning, i.e. each prompt and the negative, in one fold: what must generalize is the text).
+The folds are what is kept; an input's whole statistics are their merge, made when asked for.
 """
 
 from __future__ import annotations
@@ -21,19 +27,20 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import QuantError
-from .statistics import CalibrationStatistics, InputStatistics
+from .statistics import CalibrationStatistics, FoldedInputs, InputStatistics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FULL_DIM = 2048
 DEFAULT_SUMMARY_RANK = 256
+DEFAULT_FOLDS = 2
 _F64 = 8  # bytes per float64
 
 
@@ -155,7 +162,8 @@ class StatisticsRecorder:
         save_statistics(recorder.statistics(model="my-model"), "stats.safetensors")
 
     `max_tokens` caps the tokens accumulated per input (the calibration sample budget);
-    `share_inputs=False` gives every layer its own accumulator.
+    `share_inputs=False` gives every layer its own accumulator; `folds` is the number of disjoint parts
+    the data is kept in (forward calls alternate between them unless `assign_folds` says otherwise).
     """
 
     def __init__(
@@ -165,16 +173,19 @@ class StatisticsRecorder:
         summary_rank: int = DEFAULT_SUMMARY_RANK,
         max_tokens: int | None = None,
         share_inputs: bool = True,
+        folds: int = DEFAULT_FOLDS,
     ):
-        if max_full_dim < 0 or summary_rank < 1 or (max_tokens is not None and max_tokens < 1):
-            raise ValueError("max_full_dim must be >= 0, summary_rank >= 1 and max_tokens >= 1 (or None)")
+        if max_full_dim < 0 or summary_rank < 1 or folds < 1 or (max_tokens is not None and max_tokens < 1):
+            raise ValueError("max_full_dim must be >= 0, summary_rank >= 1, folds >= 1 and max_tokens >= 1 (or None)")
         self.model = model
         self.max_full_dim = max_full_dim
         self.summary_rank = summary_rank
         self.max_tokens = max_tokens
         self.share_inputs = share_inputs
+        self.folds = folds
         self.forward_calls = 0
-        self._accumulators: dict[str, _FullMoment | _LowRankMoment] = {}
+        self._assigned: Sequence[int] | int | None = None
+        self._accumulators: dict[str, list[_FullMoment | _LowRankMoment | None]] = {}  # input -> one per fold
         self._group_of: dict[str, str] = {}
         self._layer_tokens: dict[str, int] = defaultdict(int)
         self._group_tokens: dict[str, int] = defaultdict(int)
@@ -207,7 +218,17 @@ class StatisticsRecorder:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the accumulators (what grows with the model, not with the data)."""
-        return sum(acc.memory_bytes for acc in self._accumulators.values())
+        return sum(acc.memory_bytes for accs in self._accumulators.values() for acc in accs if acc is not None)
+
+    def assign_folds(self, folds: Sequence[int] | int | None) -> None:
+        """The fold of the following forwards' data: one fold, one per row of the leading (batch) dimension,
+        or None for the default (forward calls alternate). An input whose leading dimension does not match
+        the per-row list goes whole to its first row's fold."""
+        if folds is not None:
+            values = [folds] if isinstance(folds, int) else list(folds)
+            if not values or any(not 0 <= fold < self.folds for fold in values):
+                raise ValueError(f"folds must be in 0..{self.folds - 1}, got {folds}")
+        self._assigned = folds
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
         self.forward_calls += 1
@@ -239,12 +260,7 @@ class StatisticsRecorder:
             group = shared if shared is not None else layer
             self._group_of[layer] = group
             if shared is None:
-                dim = x.shape[-1]
-                self._accumulators[group] = (
-                    _FullMoment(dim, x.device)
-                    if dim <= self.max_full_dim
-                    else _LowRankMoment(dim, min(self.summary_rank, dim), x.device)
-                )
+                self._accumulators[group] = [None] * self.folds
         tokens = x.numel() // x.shape[-1]
         self._layer_tokens[layer] += tokens
         consumers = entry.consumers.setdefault(group, set())
@@ -253,10 +269,38 @@ class StatisticsRecorder:
             return
         consumers.add(layer)
         self._group_tokens[group] += tokens
-        acc = self._accumulators[group]
-        take = tokens if self.max_tokens is None else min(tokens, self.max_tokens - acc.count)
-        if take > 0:
-            acc.add(x.detach().reshape(-1, x.shape[-1])[:take].to(torch.float64, copy=True))
+        batch = x if x.ndim > 1 else x[None]
+        for fold, rows in self._rows_per_fold(batch.shape[0]):
+            part = batch[rows].detach().reshape(-1, x.shape[-1])
+            recorded = sum(acc.count for acc in self._accumulators[group] if acc is not None)
+            take = part.shape[0] if self.max_tokens is None else min(part.shape[0], self.max_tokens - recorded)
+            if take > 0:
+                self._accumulator(group, fold, x).add(part[:take].to(torch.float64, copy=True))
+
+    def _rows_per_fold(self, leading: int) -> list[tuple[int, slice | list[int]]]:
+        """(fold, rows of the leading dimension) of the current forward's input."""
+        assigned = self._assigned
+        if assigned is None:
+            return [((self.forward_calls - 1) % self.folds, slice(None))]
+        if isinstance(assigned, int):
+            return [(assigned, slice(None))]
+        if len(assigned) != leading:
+            return [(assigned[0], slice(None))]
+        rows: dict[int, list[int]] = defaultdict(list)
+        for row, fold in enumerate(assigned):
+            rows[fold].append(row)
+        return [(fold, slice(None) if len(r) == leading else r) for fold, r in rows.items()]
+
+    def _accumulator(self, group: str, fold: int, x: torch.Tensor) -> _FullMoment | _LowRankMoment:
+        accs = self._accumulators[group]
+        if accs[fold] is None:
+            dim = x.shape[-1]
+            accs[fold] = (
+                _FullMoment(dim, x.device)
+                if dim <= self.max_full_dim
+                else _LowRankMoment(dim, min(self.summary_rank, dim), x.device)
+            )
+        return accs[fold]
 
     def statistics(self, model: str = "", extra: Mapping[str, str] | None = None) -> CalibrationStatistics:
         """The recorded statistics; raises if layers grouped as sharing an input saw different data."""
@@ -267,7 +311,17 @@ class StatisticsRecorder:
                     f"({self._layer_tokens[layer]} vs {self._group_tokens[group]} tokens); "
                     "record with StatisticsRecorder(..., share_inputs=False)"
                 )
-        inputs = {group: acc.finish() for group, acc in self._accumulators.items() if acc.count}
-        layers = {layer: group for layer, group in self._group_of.items() if group in inputs}
-        settings = {"max_full_dim": self.max_full_dim, "summary_rank": self.summary_rank, "max_tokens": self.max_tokens}
+        folds = {}
+        for group, accs in self._accumulators.items():
+            parts = [acc.finish() for acc in accs if acc is not None and acc.count]
+            if parts:
+                folds[group] = parts
+        layers = {layer: group for layer, group in self._group_of.items() if group in folds}
+        settings = {
+            "max_full_dim": self.max_full_dim,
+            "summary_rank": self.summary_rank,
+            "max_tokens": self.max_tokens,
+            "folds": self.folds,
+        }
+        inputs = FoldedInputs(folds, self.summary_rank)
         return CalibrationStatistics(layers, inputs, model, self.forward_calls, settings, dict(extra or {}))
