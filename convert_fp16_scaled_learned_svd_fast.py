@@ -1,6 +1,6 @@
 """Compatibility entry point: batch scripts written for the original converter keep working.
 
-    python convert_fp16_scaled_learned_svd_fast.py --input model.safetensors
+python convert_fp16_scaled_learned_svd_fast.py --input model.safetensors
 """
 
 from quant_core.cli import main

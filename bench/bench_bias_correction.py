@@ -47,11 +47,13 @@ def layer_inputs(tokenizer, model, sentences: list[str]) -> dict[str, torch.Tens
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+
             def hook(mod, args, name=name):
                 x = args[0]
                 if x.dim() == 3:
                     x = x[mask_holder["mask"]]
                 captured.setdefault(name, []).append(x.detach().double())
+
             hooks.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for start in range(0, len(sentences), 32):
@@ -99,7 +101,8 @@ def main() -> None:
         "|---|---|---|",
     ]
     for v in variants:
-        lines.append(f"| {v} | {(mean_err[v] / mean_err['none']) ** 0.5:.3f}x | {(total_err[v] / total_err['none']) ** 0.5:.4f}x |")
+        mean_ratio, total_ratio = (mean_err[v] / mean_err["none"]) ** 0.5, (total_err[v] / total_err["none"]) ** 0.5
+        lines.append(f"| {v} | {mean_ratio:.3f}x | {total_ratio:.4f}x |")
     lines.append("")
     lines.append(f"Relative total output error with no correction: {(total_err['none'] / reference) ** 0.5:.3e}.")
     table = "\n".join(lines)

@@ -42,11 +42,11 @@ def main() -> None:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-    import torch
-
     import test_comfyui_calibration as graphs
-    from quant_core.calibration import load_statistics
+    import torch
     from comfyui_server import running_server
+
+    from quant_core.calibration import load_statistics
 
     rows = []
     started = time.monotonic()

@@ -74,14 +74,35 @@ def main() -> None:
     params = sum(math.prod(s) for s in shapes.values())
     largest_fp32 = max(math.prod(s) for s in shapes.values()) * 4
     bound = 1.5 * largest_fp32 + 300 * MiB
-    print(f"model: {model.stat().st_size / MiB:.0f} MiB fp32, {params / 1e6:.0f}M params, "
-          f"largest tensor {largest_fp32 / MiB:.0f} MiB fp32 -> RssAnon bound {bound / MiB:.0f} MiB")
+    print(
+        f"model: {model.stat().st_size / MiB:.0f} MiB fp32, {params / 1e6:.0f}M params, "
+        f"largest tensor {largest_fp32 / MiB:.0f} MiB fp32 -> RssAnon bound {bound / MiB:.0f} MiB"
+    )
 
-    runs = {"copy (load -> half -> save)": [sys.executable, "-c", COPY_SNIPPET, str(model), str(workdir / "copy.safetensors")]}
+    runs = {
+        "copy (load -> half -> save)": [
+            sys.executable,
+            "-c",
+            COPY_SNIPPET,
+            str(model),
+            str(workdir / "copy.safetensors"),
+        ]
+    }
     for method in args.methods.split(","):
         runs[f"quant_core {method}"] = [
-            sys.executable, "-m", "quant_core", "--input", str(model), "--output",
-            str(workdir / f"{method}.safetensors"), "--method", method, "--overwrite", "-q", "--device", "cpu",
+            sys.executable,
+            "-m",
+            "quant_core",
+            "--input",
+            str(model),
+            "--output",
+            str(workdir / f"{method}.safetensors"),
+            "--method",
+            method,
+            "--overwrite",
+            "-q",
+            "--device",
+            "cpu",
         ]
     results = {}
     for label, cmd in runs.items():
@@ -89,7 +110,10 @@ def main() -> None:
         if stats.returncode != 0:
             raise SystemExit(f"{label} failed:\n{stats.output}")
         results[label] = stats
-        print(f"{label}: {stats.seconds:.1f} s, RssAnon {stats.peak_rss_anon / MiB:.0f} MiB, VmHWM {stats.peak_rss / MiB:.0f} MiB")
+        print(
+            f"{label}: {stats.seconds:.1f} s, RssAnon {stats.peak_rss_anon / MiB:.0f} MiB, "
+            f"VmHWM {stats.peak_rss / MiB:.0f} MiB"
+        )
 
     baseline = results["copy (load -> half -> save)"].seconds
     lines = [

@@ -69,7 +69,9 @@ BLOCKS = {
 }
 # Flux-dev: 19 double blocks (an img and a txt stream each), 38 single blocks. T5-XXL encoder: 24 layers
 # of q, k, v, o (4096x4096), wi_0, wi_1 (10240x4096), wo (4096x10240).
-FLUX_DEV = [(shape, 19 * 2) for shape in BLOCKS["double"].values()] + [(shape, 38) for shape in BLOCKS["single"].values()]
+FLUX_DEV = [(shape, 19 * 2) for shape in BLOCKS["double"].values()] + [
+    (shape, 38) for shape in BLOCKS["single"].values()
+]
 T5_XXL = [((4096, 4096), 24 * 4), ((10240, 4096), 24 * 2), ((4096, 10240), 24)]
 
 
@@ -136,7 +138,9 @@ class Activations:
 
     def draw(self, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        x = (torch.randn(tokens, 96, generator=g) * self.spectrum) @ self.basis + 0.05 * torch.randn(tokens, HIDDEN, generator=g)
+        x = (torch.randn(tokens, 96, generator=g) * self.spectrum) @ self.basis + 0.05 * torch.randn(
+            tokens, HIDDEN, generator=g
+        )
         x += self.mean
         x[:, self.outliers] *= 30
         vec = self.vec_base + torch.randn(16, generator=g) @ self.vec_basis * 0.5
@@ -183,21 +187,30 @@ def worker_convert(args: argparse.Namespace) -> None:
 
     exclude = (args.exclude,) if args.exclude else ()
     if "calib" in ConvertOptions.__dataclass_fields__:  # a --baseline-root checkout from before statistics objects
-        options = ConvertOptions(method=args.method, calib=args.calib or None, overwrite=True, device="cpu", exclude=exclude)
+        options = ConvertOptions(
+            method=args.method, calib=args.calib or None, overwrite=True, device="cpu", exclude=exclude
+        )
         report = convert_file(args.model, args.out, options)
     else:
         from quant_core.calibration import load_statistics
 
         options = ConvertOptions(method=args.method, overwrite=True, device="cpu", exclude=exclude)
-        report = convert_file(args.model, args.out, options, statistics=load_statistics(args.calib) if args.calib else None)
-    layers = {layer.name: {"seconds": layer.seconds, "method": layer.method, "details": layer.details} for layer in report.layers}
+        report = convert_file(
+            args.model, args.out, options, statistics=load_statistics(args.calib) if args.calib else None
+        )
+    layers = {
+        layer.name: {"seconds": layer.seconds, "method": layer.method, "details": layer.details}
+        for layer in report.layers
+    }
     print(json.dumps({"seconds": report.seconds, "layers": layers}))
 
 
 # ---- the benchmark ----
 
 
-def run_worker(label: str, worker_args: list[str], code_root: Path = ROOT, threads: int | None = None) -> tuple[dict, object]:
+def run_worker(
+    label: str, worker_args: list[str], code_root: Path = ROOT, threads: int | None = None
+) -> tuple[dict, object]:
     from bench.memory import run_sampled
 
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BENCH_QUANT_CORE_ROOT": str(code_root)}
@@ -224,8 +237,12 @@ class Run:
 
 def planned_runs(args: argparse.Namespace, stats_kinds: list[str]) -> list[Run]:
     runs = [Run("rtn", "rtn", None, "fp32", ROOT, "rtn")]
-    runs += [Run(f"calibrated, {s}", "calibrated", s, "fp32", ROOT, "rtn", f"calibrated, {s}, no check") for s in stats_kinds]
-    runs += [Run(f"calibrated, {s}, no check", "calibrated", f"{s}, no folds", "fp32", ROOT, "rtn") for s in stats_kinds]
+    runs += [
+        Run(f"calibrated, {s}", "calibrated", s, "fp32", ROOT, "rtn", f"calibrated, {s}, no check") for s in stats_kinds
+    ]
+    runs += [
+        Run(f"calibrated, {s}, no check", "calibrated", f"{s}, no folds", "fp32", ROOT, "rtn") for s in stats_kinds
+    ]
     runs += [
         Run("rtn, bf16 source", "rtn", None, "bf16", ROOT, "rtn, bf16 source"),
         Run("calibrated, summary, bf16 source", "calibrated", "summary", "bf16", ROOT, "rtn, bf16 source"),
@@ -233,7 +250,14 @@ def planned_runs(args: argparse.Namespace, stats_kinds: list[str]) -> list[Run]:
     if args.baseline_root:
         runs += [
             Run("rtn, baseline code", "rtn", None, "fp32", args.baseline_root, "rtn, baseline code"),
-            Run("calibrated, summary, baseline code", "calibrated", "summary", "fp32", args.baseline_root, "rtn, baseline code"),
+            Run(
+                "calibrated, summary, baseline code",
+                "calibrated",
+                "summary",
+                "fp32",
+                args.baseline_root,
+                "rtn, baseline code",
+            ),
         ]
     return runs
 
@@ -323,8 +347,23 @@ def main() -> None:
             max_full_dim = 2048 if stats_kind == "summary" else 16384
             result, sampled = run_worker(
                 f"{kind}: record {stats_kind}",
-                ["record", "--kind", kind, "--model", str(models["fp32"]), "--out", str(path), "--unfolded", str(unfolded),
-                 "--max_full_dim", str(max_full_dim), "--forwards", str(args.forwards), "--tokens", str(args.tokens)],
+                [
+                    "record",
+                    "--kind",
+                    kind,
+                    "--model",
+                    str(models["fp32"]),
+                    "--out",
+                    str(path),
+                    "--unfolded",
+                    str(unfolded),
+                    "--max_full_dim",
+                    str(max_full_dim),
+                    "--forwards",
+                    str(args.forwards),
+                    "--tokens",
+                    str(args.tokens),
+                ],
                 threads=args.threads,
             )
             recordings[(kind, stats_kind)] = {**result, "peak": sampled.peak_rss_anon, "path": path}
@@ -337,7 +376,17 @@ def main() -> None:
             exclude = ["--exclude", args.baseline_exclude] if run.code != ROOT and args.baseline_exclude else []
             result, sampled = run_worker(
                 f"{kind}: {run.label}",
-                ["convert", "--model", str(models[run.source]), "--out", str(out), "--method", run.method, *calib, *exclude],
+                [
+                    "convert",
+                    "--model",
+                    str(models[run.source]),
+                    "--out",
+                    str(out),
+                    "--method",
+                    run.method,
+                    *calib,
+                    *exclude,
+                ],
                 code_root=run.code,
                 threads=args.threads,
             )
@@ -346,7 +395,9 @@ def main() -> None:
         errors = heldout_errors(kind, models, outputs, args.heldout, args.tokens)
         for run in runs:
             results[(kind, run.label)]["errors"] = errors[run.label]
-            results[(kind, run.label)]["same_as_baseline"] = same_values(outputs[run.label][0], outputs[run.baseline][0])
+            results[(kind, run.label)]["same_as_baseline"] = same_values(
+                outputs[run.label][0], outputs[run.baseline][0]
+            )
         for path in work.glob(f"{kind}_*.out.*"):
             path.unlink()
     table = render(runs, results, recordings, args)
@@ -397,7 +448,8 @@ def render(runs: list[Run], results: dict, recordings: dict, args: argparse.Name
         "Statistics (recorded through `StatisticsRecorder`; `summary` = the default `max_full_dim` 2048, so every Flux "
         "input keeps a rank-256 eigen summary + diagonal; `full` = full second moments):",
         "",
-        "| block | statistics | recording (s) | recorder memory (MiB) | file (MiB) | peak RssAnon while recording (MiB) |",
+        "| block | statistics | recording (s) | recorder memory (MiB) | file (MiB) "
+        "| peak RssAnon while recording (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for (kind, stats_kind), rec in recordings.items():
@@ -429,18 +481,28 @@ def render(runs: list[Run], results: dict, recordings: dict, args: argparse.Name
         unchecked = "-"
         if run.unchecked:
             unchecked = _ratio(seconds, sum(results[(k, run.unchecked)]["seconds"] for k in kinds))
-        lines.append(
-            f"| {run.label} | {seconds:.1f} | {_ratio(seconds, sum(r['seconds'] for r in base))} | {unchecked} | {peak / MiB:.0f} | "
-            f"{bound / MiB:.0f} | {'yes' if peak <= bound else 'no'} | {_ratio(math.sqrt(error), math.sqrt(base_error))} "
-            f"| {identical} |"
-        )
+        cells = [
+            run.label,
+            f"{seconds:.1f}",
+            _ratio(seconds, sum(r["seconds"] for r in base)),
+            unchecked,
+            f"{peak / MiB:.0f}",
+            f"{bound / MiB:.0f}",
+            "yes" if peak <= bound else "no",
+            _ratio(math.sqrt(error), math.sqrt(base_error)),
+            identical,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     measured = [run for run in runs if run.method != "rtn"]
     lines += [
         "",
         "Per layer: seconds (the converter's time for the tensor) and held-out output error ||X(W-Q)^T|| vs its RTN:",
         "",
-        "| layer | shape | " + " | ".join(f"{run.label} (s)" for run in runs) + " | "
-        + " | ".join(f"{run.label}: error" for run in measured) + " |",
+        "| layer | shape | "
+        + " | ".join(f"{run.label} (s)" for run in runs)
+        + " | "
+        + " | ".join(f"{run.label}: error" for run in measured)
+        + " |",
         "|---|---|" + "---|" * (len(runs) + len(measured)),
     ]
     for kind in kinds:
@@ -468,11 +530,15 @@ def render(runs: list[Run], results: dict, recordings: dict, args: argparse.Name
     for run in runs:
         rates = _rates(results, run.label, kinds)
         if len(rates) == len({c for _, c in shapes}):
-            lines.append(f"| {run.label} | {_projected(rates, FLUX_DEV) / 60:.1f} | {_projected(rates, T5_XXL) / 60:.1f} |")
+            lines.append(
+                f"| {run.label} | {_projected(rates, FLUX_DEV) / 60:.1f} | {_projected(rates, T5_XXL) / 60:.1f} |"
+            )
     per_model = {kind: (2 * 19 if kind == "double" else 38) for kind in kinds}
     for stats_kind in dict.fromkeys(s for _, s in recordings):
         total = sum(recordings[(k, stats_kind)]["file_bytes"] * per_model[k] for k in kinds)
-        lines.append(f"\nStatistics for a whole Flux-dev ({stats_kind}): {total / 2**30:.1f} GiB (the files above x blocks).")
+        lines.append(
+            f"\nStatistics for a whole Flux-dev ({stats_kind}): {total / 2**30:.1f} GiB (the files above x blocks)."
+        )
     return "\n".join(lines)
 
 

@@ -104,10 +104,16 @@ def convert(source: Path, out: Path, fmt: str, method: str, statistics, repeats:
     seconds = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        report = convert_file(source, out, ConvertOptions(method=method, format=fmt, overwrite=True), statistics=statistics)
+        report = convert_file(
+            source, out, ConvertOptions(method=method, format=fmt, overwrite=True), statistics=statistics
+        )
         seconds = min(seconds, time.perf_counter() - started)
-    return {"seconds": seconds, "kept": len(report.not_plain), "quantized": len(report.layers) + len(report.not_plain),
-            "bytes": out.stat().st_size}
+    return {
+        "seconds": seconds,
+        "kept": len(report.not_plain),
+        "quantized": len(report.layers) + len(report.not_plain),
+        "bytes": out.stat().st_size,
+    }
 
 
 def run_model(name: str, work: Path) -> list[dict]:
@@ -123,15 +129,21 @@ def run_model(name: str, work: Path) -> list[dict]:
     for method in methods:
         for fmt in FORMATS:
             out = work / f"{name}_{fmt}_{method}.safetensors"
-            row = {"model": name, "format": fmt, "method": method,
-                   **convert(source_path, out, fmt, method, statistics if method == "calibrated" else None)}
+            row = {
+                "model": name,
+                "format": fmt,
+                "method": method,
+                **convert(source_path, out, fmt, method, statistics if method == "calibrated" else None),
+            }
             written = load_file(str(out))
             restored = dequantize_state_dict(written) if MARKER_KEY in written else written  # plain: real units
             row["weight_error"], row["worst_weight_error"] = weight_errors(source, restored)
             if minilm is not None:
                 row.update(minilm.held_out(source, restored))
             rows.append(row)
-            print(f"{name} {fmt} {method}: weight error {row['weight_error']:.3e} in {row['seconds']:.1f} s", flush=True)
+            print(
+                f"{name} {fmt} {method}: weight error {row['weight_error']:.3e} in {row['seconds']:.1f} s", flush=True
+            )
     row_bytes = source_path.stat().st_size
     for row in rows:
         row["source_bytes"] = row_bytes
@@ -148,9 +160,9 @@ def render(rows: list[dict]) -> list[str]:
         f"thread(s), 1-minute load average at the end {os.getloadavg()[0]:.1f}. Ratios are against scaled "
         "round-to-nearest on the same model in this run.",
         "",
-        "| model | format | method | weight error | vs scaled RTN | worst weight's error | held-out Linear output error "
-        "vs scaled RTN | held-out embedding deviation vs scaled RTN | weights kept in source precision | file (MiB) "
-        "| time vs scaled RTN |",
+        "| model | format | method | weight error | vs scaled RTN | worst weight's error "
+        "| held-out Linear output error vs scaled RTN | held-out embedding deviation vs scaled RTN "
+        "| weights kept in source precision | file (MiB) | time vs scaled RTN |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -159,10 +171,19 @@ def render(rows: list[dict]) -> list[str]:
         for r in mine:
             held = [ratio(r[k], base[k]) if k in r else "-" for k in ("output", "embedding")]
             kept = f"{r['kept']} of {r['quantized']}" if r["format"] == "plain" else "-"
-            lines.append(
-                f"| {model} | {r['format']} | {r['method']} | {r['weight_error']:.3e} | {ratio(r['weight_error'], base['weight_error'])} "
-                f"| {r['worst_weight_error']:.3e} | {held[0]} | {held[1]} | {kept} | {r['bytes'] / MiB:.1f} | {ratio(r['seconds'], base['seconds'])} |"
-            )
+            cells = [
+                model,
+                r["format"],
+                r["method"],
+                f"{r['weight_error']:.3e}",
+                ratio(r["weight_error"], base["weight_error"]),
+                f"{r['worst_weight_error']:.3e}",
+                *held,
+                kept,
+                f"{r['bytes'] / MiB:.1f}",
+                ratio(r["seconds"], base["seconds"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

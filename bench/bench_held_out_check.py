@@ -108,7 +108,7 @@ def run_flux(args: argparse.Namespace) -> list[str]:
         heldout: dict[str, list[torch.Tensor]] = {name: [] for name in BLOCKS[kind]}
         hooks = [
             block.get_submodule(name).register_forward_pre_hook(
-                lambda m, a, name=name: heldout[name].append(a[0].reshape(-1, a[0].shape[-1]).clone())
+                lambda m, a, name=name, heldout=heldout: heldout[name].append(a[0].reshape(-1, a[0].shape[-1]).clone())
             )
             for name in BLOCKS[kind]
         ]
@@ -120,8 +120,8 @@ def run_flux(args: argparse.Namespace) -> list[str]:
             x = torch.cat(heldout.pop(name))
             weight = ScaledWeight(w, choose_scale_exponent(abs_max(w)), torch.device("cpu"))
 
-            def error(q: torch.Tensor) -> float:
-                return float(((x @ (w - q.float() * 2.0**weight.exponent).T) ** 2).sum())
+            def error(q: torch.Tensor, x=x, w=w, exponent=weight.exponent) -> float:
+                return float(((x @ (w - q.float() * 2.0**exponent).T) ** 2).sum())
 
             errors["rtn"] += error(round_nearest(weight, settings).q)
             for label, variant in VARIANTS.items():
@@ -249,7 +249,9 @@ def run_unet(args: argparse.Namespace) -> list[str]:
                     ConvertOptions(method="calibrated", prefix="model.diffusion_model.", device="cpu"),
                     statistics=load_statistics(stats_path),
                 )
-            kept = sum(layer.details.get("shrinkage", 0.0) < 1.0 for layer in report.layers if layer.method == "calibrated")
+            kept = sum(
+                layer.details.get("shrinkage", 0.0) < 1.0 for layer in report.layers if layer.method == "calibrated"
+            )
             results[label] = {"seconds": report.seconds, "kept": kept, "name": f"v{number}"}
             unets[f"v{number}"] = name
             print(f"{label}: {report.seconds:.1f} s, kept {kept}", flush=True)
@@ -290,7 +292,9 @@ def main() -> None:
     parser.add_argument("--kinds", default="double,single", help="flux: blocks")
     parser.add_argument("--forwards", type=int, default=16, help="flux: calibration forwards")
     parser.add_argument("--tokens", type=int, default=256, help="flux: tokens per forward")
-    parser.add_argument("--heldout", type=int, default=None, help="flux: held-out forwards (8); minilm: sentences (200)")
+    parser.add_argument(
+        "--heldout", type=int, default=None, help="flux: held-out forwards (8); minilm: sentences (200)"
+    )
     parser.add_argument("--calibration", type=int, default=400, help="minilm: calibration sentences")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()

@@ -63,17 +63,19 @@ def main() -> None:
         rows.append(f"| {name} | {tuple(rtn_w.shape)} | {plain_l / plain_r:.4f} | {proj_l / proj_r:.4f} |")
     plain_ratio = (totals["plain"][1] / totals["plain"][0]) ** 0.5
     proj_ratio = (totals["proj"][1] / totals["proj"][0]) ** 0.5
-    table = "\n".join([
-        f"Source: {source.name}; top_k={k}; principal directions from an exact SVD. "
-        f"Time: rtn {seconds['rtn']:.2f} s, learned {seconds['learned']:.2f} s "
-        f"({seconds['learned'] / seconds['rtn']:.2f}x).",
-        "",
-        "| weight | shape | plain error, learned / rtn | principal-direction error, learned / rtn |",
-        "|---|---|---|---|",
-        *rows,
-        f"| **all (root of summed squares)** | | **{plain_ratio:.4f}** | **{proj_ratio:.4f}** |",
-        f"| **median layer** | | | **{float(torch.tensor(proj_ratios).median()):.4f}** |",
-    ])
+    table = "\n".join(
+        [
+            f"Source: {source.name}; top_k={k}; principal directions from an exact SVD. "
+            f"Time: rtn {seconds['rtn']:.2f} s, learned {seconds['learned']:.2f} s "
+            f"({seconds['learned'] / seconds['rtn']:.2f}x).",
+            "",
+            "| weight | shape | plain error, learned / rtn | principal-direction error, learned / rtn |",
+            "|---|---|---|---|",
+            *rows,
+            f"| **all (root of summed squares)** | | **{plain_ratio:.4f}** | **{proj_ratio:.4f}** |",
+            f"| **median layer** | | | **{float(torch.tensor(proj_ratios).median()):.4f}** |",
+        ]
+    )
     print(table)
     out = ROOT / "bench" / "results" / f"learned_{source.stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,10 +70,10 @@ def seconds(fn) -> float:
 
 
 def bench_loader(workdir: Path, unet: str, latents: list[int], steps: int, repeats: int) -> list[str]:
+    import comfy.sample
     import torch
     from safetensors.torch import save_file
 
-    import comfy.sample
     import nodes
 
     sys.path.append(str(ROOT / "tests"))

@@ -93,7 +93,9 @@ def embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def end_to_end(model, tokenizer, state: dict[str, torch.Tensor], sentences: list[str], reference: torch.Tensor) -> tuple[float, float]:
+def end_to_end(
+    model, tokenizer, state: dict[str, torch.Tensor], sentences: list[str], reference: torch.Tensor
+) -> tuple[float, float]:
     """(||E_q - E|| / ||E||, mean 1 - cosine) of the model with `state` loaded."""
     original = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict({k: state[k] for k in original})  # the file also holds non-persistent buffers
@@ -105,7 +107,9 @@ def end_to_end(model, tokenizer, state: dict[str, torch.Tensor], sentences: list
     return deviation, float((1 - torch.nn.functional.cosine_similarity(emb, reference, dim=1)).mean())
 
 
-def layer_errors(source: dict[str, torch.Tensor], restored: dict[str, torch.Tensor], heldout: CalibrationStatistics) -> dict[str, dict[str, float]]:
+def layer_errors(
+    source: dict[str, torch.Tensor], restored: dict[str, torch.Tensor], heldout: CalibrationStatistics
+) -> dict[str, dict[str, float]]:
     """Per Linear layer: squared held-out output error and reference, weight error, mean errors."""
     rows = {}
     for layer in heldout.layers:
@@ -189,10 +193,24 @@ def main() -> None:
         e2e_no_bias = end_to_end(model, tokenizer, source_biases, heldout, reference) if calib is not None else None
         seconds = defaultdict(float)
         for layer in report.layers:
-            kind = layer_type(layer.name[: -len(".weight")]) if layer.name[: -len(".weight")] in held_stats.layers else "embeddings"
+            kind = (
+                layer_type(layer.name[: -len(".weight")])
+                if layer.name[: -len(".weight")] in held_stats.layers
+                else "embeddings"
+            )
             seconds[kind] += layer.seconds
-        results[label] = {"rows": rows, "e2e": e2e, "e2e_no_bias": e2e_no_bias, "wall": wall, "seconds": seconds, "methods": report.method_counts}
-        print(f"{label}: converted in {wall:.1f} s, held-out Linear output error {pooled(rows, 'out_sq', 'ref_sq'):.3e}", flush=True)
+        results[label] = {
+            "rows": rows,
+            "e2e": e2e,
+            "e2e_no_bias": e2e_no_bias,
+            "wall": wall,
+            "seconds": seconds,
+            "methods": report.method_counts,
+        }
+        print(
+            f"{label}: converted in {wall:.1f} s, held-out Linear output error {pooled(rows, 'out_sq', 'ref_sq'):.3e}",
+            flush=True,
+        )
 
     memory = {"full": full.memory_bytes, "summary": summary.memory_bytes}
     cal = load_statistics(stats_files["full"])
@@ -209,13 +227,15 @@ def render(results, held_stats, cal, memory, record_seconds, args, n_cal, n_held
     labels = list(results)
     lines = [
         f"all-MiniLM-L6-v2 (real fp32 weights), {n_cal} calibration / {n_held} held-out generated sentences "
-        f"(disjoint; {cal.tokens} / {held_stats.tokens} tokens), torch {torch.__version__}, {torch.get_num_threads()} CPU threads "
-        f"(1-minute load average at the end: {os.getloadavg()[0]:.1f}).",
-        f"Statistics: recorded in {record_seconds:.1f} s; {len(cal.layers)} Linear layers share {len(cal.inputs)} distinct inputs; "
-        f"recorder memory {memory['full'] / MiB:.1f} MiB with full second moments, {memory['summary'] / MiB:.1f} MiB with "
-        f"rank-{args.summary_rank} summaries for inputs wider than 512 (float64, including batching buffers).",
+        f"(disjoint; {cal.tokens} / {held_stats.tokens} tokens), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads (1-minute load average at the end: {os.getloadavg()[0]:.1f}).",
+        f"Statistics: recorded in {record_seconds:.1f} s; {len(cal.layers)} Linear layers share "
+        f"{len(cal.inputs)} distinct inputs; recorder memory {memory['full'] / MiB:.1f} MiB with full second "
+        f"moments, {memory['summary'] / MiB:.1f} MiB with rank-{args.summary_rank} summaries for inputs wider "
+        "than 512 (float64, including batching buffers).",
         "",
-        "Held-out Linear output error ||X(W-Q)^T|| / ||XW^T||, ratio to round-to-nearest (lower is better; pooled per layer type):",
+        "Held-out Linear output error ||X(W-Q)^T|| / ||XW^T||, ratio to round-to-nearest "
+        "(lower is better; pooled per layer type):",
         "",
         "| method | " + " | ".join(types) + " | **all Linear** | rtn absolute |",
         "|---|" + "---|" * (len(types) + 2),
@@ -224,15 +244,20 @@ def render(results, held_stats, cal, memory, record_seconds, args, n_cal, n_held
         rows = results[label]["rows"]
         cells = []
         for kind in types:
+
             def sel(name, kind=kind):
                 return layer_type(name) == kind
+
             cells.append(ratio(pooled(rows, "out_sq", "ref_sq", sel), pooled(base["rows"], "out_sq", "ref_sq", sel)))
         overall = ratio(pooled(rows, "out_sq", "ref_sq"), pooled(base["rows"], "out_sq", "ref_sq"))
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{overall}** | {pooled(base['rows'], 'out_sq', 'ref_sq'):.2e} |")
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | **{overall}** | {pooled(base['rows'], 'out_sq', 'ref_sq'):.2e} |"
+        )
     lines += [
         "",
         "| method | weight error vs rtn | mean output error, source biases | mean output error, file's biases "
-        "| embedding deviation | vs rtn | 1 - cosine | vs rtn | deviation with source biases | conversion (s) | rounding used |",
+        "| embedding deviation | vs rtn | 1 - cosine | vs rtn | deviation with source biases | conversion (s) "
+        "| rounding used |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     b_dev, b_cos = base["e2e"]
@@ -243,11 +268,20 @@ def render(results, held_stats, cal, memory, record_seconds, args, n_cal, n_held
         dev, cos = r["e2e"]
         no_bias = f"{r['e2e_no_bias'][0]:.3e}" if r["e2e_no_bias"] else "-"
         used = ", ".join(f"{m} {c}" for m, c in r["methods"].items())
-        lines.append(
-            f"| {label} | {ratio(pooled(rows, 'weight_sq', 'weight_ref_sq'), pooled(base['rows'], 'weight_sq', 'weight_ref_sq'))} "
-            f"| {ratio(pooled(rows, 'mean_before_sq', 'ref_sq'), b_mean)} | {ratio(pooled(rows, 'mean_after_sq', 'ref_sq'), b_mean)} "
-            f"| {dev:.3e} | {ratio(dev, b_dev)} | {cos:.2e} | {ratio(cos, b_cos)} | {no_bias} | {r['wall']:.1f} | {used} |"
-        )
+        cells = [
+            label,
+            ratio(pooled(rows, "weight_sq", "weight_ref_sq"), pooled(base["rows"], "weight_sq", "weight_ref_sq")),
+            ratio(pooled(rows, "mean_before_sq", "ref_sq"), b_mean),
+            ratio(pooled(rows, "mean_after_sq", "ref_sq"), b_mean),
+            f"{dev:.3e}",
+            ratio(dev, b_dev),
+            f"{cos:.2e}",
+            ratio(cos, b_cos),
+            no_bias,
+            f"{r['wall']:.1f}",
+            used,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Conversion time per layer type (s, summed over layers; `embeddings` are the 2-D embedding tables, data-free):",
@@ -257,7 +291,11 @@ def render(results, held_stats, cal, memory, record_seconds, args, n_cal, n_held
     ]
     for label in labels:
         seconds = results[label]["seconds"]
-        lines.append(f"| {label} | " + " | ".join(f"{seconds.get(k, 0.0):.2f}" for k in types + ["embeddings"]) + f" | {results[label]['wall']:.1f} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{seconds.get(k, 0.0):.2f}" for k in types + ["embeddings"])
+            + f" | {results[label]['wall']:.1f} |"
+        )
     lines += [
         "",
         "Mean output errors are ||E[y - y_q]|| over held-out tokens, pooled over layers and divided by the same "

@@ -132,7 +132,8 @@ class CalibrateForQuantFP16:
                         "default": DEFAULT_MAX_FULL_DIM,
                         "min": 0,
                         "max": 65536,
-                        "tooltip": "Inputs up to this width keep their full second moment; wider ones a low-rank summary",
+                        "tooltip": "Inputs up to this width keep their full second moment; "
+                        "wider ones a low-rank summary",
                     },
                 ),
             },

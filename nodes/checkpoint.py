@@ -58,9 +58,9 @@ def component_prefix(names: list[str], component: str, source: str) -> str:
         if any(n.startswith(prefix) for n in names):
             return prefix
     kind = standalone_kind(names)
-    same_signature = kind in STANDALONE_TEXT_ENCODERS and STANDALONE_TEXT_ENCODERS[kind] == STANDALONE_TEXT_ENCODERS.get(
-        component
-    )
+    same_signature = kind in STANDALONE_TEXT_ENCODERS and STANDALONE_TEXT_ENCODERS[
+        kind
+    ] == STANDALONE_TEXT_ENCODERS.get(component)
     if kind == component or same_signature:  # CLIP-L and CLIP-G files look alike
         return ""  # the whole file is that component
     tried = ", ".join(f"'{p}'" for p in COMPONENTS[component])

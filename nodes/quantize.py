@@ -49,8 +49,11 @@ def compute_device() -> str:
     device = str(comfy.model_management.get_torch_device())
     if is_supported_device(device):
         return device
-    log.info("ComfyUI runs on %s; the conversion runs on the CPU (it needs CUDA or the CPU), the result loads on %s",
-             device, device)
+    log.info(
+        "ComfyUI runs on %s; the conversion runs on the CPU (it needs CUDA or the CPU), the result loads on %s",
+        device,
+        device,
+    )
     return "cpu"
 
 

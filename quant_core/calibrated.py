@@ -61,7 +61,13 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _outcome(
-    q: torch.Tensor, stats: ErrorStats, rtn_weight_sq: float, totals: dict[str, float], fallback_rows: int, tokens: int, sweeps: int = 0
+    q: torch.Tensor,
+    stats: ErrorStats,
+    rtn_weight_sq: float,
+    totals: dict[str, float],
+    fallback_rows: int,
+    tokens: int,
+    sweeps: int = 0,
 ) -> RoundingOutcome:
     return RoundingOutcome(
         q,
@@ -130,7 +136,10 @@ def _round_with_statistics(
         return _outcome(q_all, rtn_stats, rtn_stats.error_sq, totals, 0, stats.count)
     factor = build_factor(stats, damping, weight.device, weight.work_dtype)
     if factor is None:
-        log.warning("input statistics of a %dx%d weight are not positive definite even with damping; rounded to nearest", *weight.shape)
+        log.warning(
+            "input statistics of a %dx%d weight are not positive definite even with damping; rounded to nearest",
+            *weight.shape,
+        )
         return _outcome(q_all, rtn_stats, rtn_stats.error_sq, totals, 0, stats.count)
     del q_all  # rebuilt at the end: beside the working copy it would take the peak to 2x the weight
 
@@ -169,7 +178,8 @@ def _keep_better_rows(
     change: torch.Tensor,
     totals: dict[str, float],
 ) -> tuple[torch.Tensor, ErrorStats, int]:
-    """Per output row, the method's values or round-to-nearest's, whichever has the lower L; in the weight's column order.
+    """Per output row, the method's values or round-to-nearest's, whichever has the lower L; in the weight's
+    column order.
 
     q_t, first (the losses before descent; None: round-to-nearest's) and change (descent's) hold the
     `inexact` rows only, in order; the other rows are round-to-nearest's.

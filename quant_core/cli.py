@@ -48,7 +48,8 @@ def program_name(argv0: str) -> str:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or program_name(sys.argv[0]),
-        description="Convert safetensors weights to float16, scaled (power-of-two scales) or plain, with learned rounding.",
+        description="Convert safetensors weights to float16, scaled (power-of-two scales) or plain, "
+        "with learned rounding.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--input", required=True, help="Input safetensors file path.")
@@ -59,14 +60,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "without _scaled).",
     )
     parser.add_argument(
-        "--format", choices=list(OUTPUT_FORMATS), default=SCALED,
+        "--format",
+        choices=list(OUTPUT_FORMATS),
+        default=SCALED,
         help="scaled: float16 + a power-of-two scale_weight per weight (needs this pack's loader); plain: ordinary "
         "float16 any loader reads (a weight plain float16 cannot hold keeps its source precision).",
     )
-    parser.add_argument("--keep_distillation", action="store_true", help="Keep Flux distillation layers in original precision.")
-    parser.add_argument("--t5xxl", action="store_true", help="T5XXL mode: drop the decoder, keep norms/biases/embeddings.")
     parser.add_argument(
-        "--calib", metavar="FILE",
+        "--keep_distillation", action="store_true", help="Keep Flux distillation layers in original precision."
+    )
+    parser.add_argument(
+        "--t5xxl", action="store_true", help="T5XXL mode: drop the decoder, keep norms/biases/embeddings."
+    )
+    parser.add_argument(
+        "--calib",
+        metavar="FILE",
         help="Input statistics (quant_core.calibration): calibrated rounding by default, and bias correction.",
     )
     for setting in SETTINGS:
@@ -75,18 +83,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             help_text = f"{setting.help} ({', '.join(used_by)})" if used_by else setting.help
             parser.add_argument(f"--{setting.name}", type=int, default=setting.default, help=help_text)
     parser.add_argument(
-        "--method", choices=sorted(METHODS), default=DEFAULT, action=_ChosenMethod,
-        help="Rounding method: " + "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
+        "--method",
+        choices=sorted(METHODS),
+        default=DEFAULT,
+        action=_ChosenMethod,
+        help="Rounding method: "
+        + "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
         + f". With --calib the default is {WITH_STATISTICS}.",
     )
     parser.set_defaults(method_given=False)
     parser.add_argument(
-        "--device", default="auto",
+        "--device",
+        default="auto",
         help="auto (CUDA when available), cpu, cuda or cuda:N: the converter runs on CUDA or the CPU; the converted "
         "file loads on any device.",
     )
     parser.add_argument(
-        "--exclude", action="append", default=[], metavar="REGEX",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
         help="Keep tensors whose name matches REGEX unquantized (repeatable).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
@@ -108,7 +124,11 @@ class TqdmListener:
     def checking_values(self, name: str, done_bytes: int, total_bytes: int) -> None:
         if self.enabled and self.checks is None:
             self.checks = tqdm(
-                desc="checking values", total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                desc="checking values",
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
                 dynamic_ncols=True,
             )
         if self.checks is not None:
@@ -128,8 +148,11 @@ class TqdmListener:
         if layer is not None:
             logging.getLogger("quant_core").debug(
                 "%s: scale 2^%d, rel. error %.3e, %.1f%% exact, %d iterations",
-                name, round(math.log2(layer.scale)), layer.relative_error,
-                100 * layer.exact_fraction, layer.iterations,
+                name,
+                round(math.log2(layer.scale)),
+                layer.relative_error,
+                100 * layer.exact_fraction,
+                layer.iterations,
             )
         if self.bar is not None:
             self.bar.update(1)

@@ -101,7 +101,9 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise QuantError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise QuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ...")
+            raise QuantError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 ..."
+            )
     return device
 
 
@@ -156,7 +158,11 @@ def _match_statistics(stats: CalibrationStatistics, src: SafetensorsFile, choice
     weights = {choice.name: choice.entry.shape for choice in choices if choice.action is Action.QUANTIZE}
     matched = statistics_for_weights(stats, weights, str(src.path))
     if len(matched) < len(weights):
-        log.info("%d of %d weights have no statistics (embeddings, convolutions ...)", len(weights) - len(matched), len(weights))
+        log.info(
+            "%d of %d weights have no statistics (embeddings, convolutions ...)",
+            len(weights) - len(matched),
+            len(weights),
+        )
     return matched
 
 
@@ -212,7 +218,8 @@ def convert_file(
     check_cancelled: Callable[[], None] = _no_check,
     report_json: bool = True,
 ) -> ConversionReport:
-    """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns the report.
+    """Convert `input_path` to a scaled_fp16 (or, with `options.format` plain, a plain float16) file; returns
+    the report.
 
     `output_path`: a file, or a folder for the default name (`output_path_for`); the report's `output`
     says where it went. `statistics` (quant_core.calibration: recorded in memory, or
@@ -247,7 +254,8 @@ def convert_file(
         if unsupported:
             log.warning(
                 "%d tensors in a precision this converter does not read (float8) are copied unchanged, e.g. '%s'",
-                len(unsupported), unsupported[0],
+                len(unsupported),
+                unsupported[0],
             )
         calibrated = _match_statistics(statistics, src, choices) if statistics is not None else {}
         if statistics is not None:

@@ -294,7 +294,9 @@ def error_feedback(
     return damped - factor.damp * error_sq
 
 
-def _round_block(targets: torch.Tensor, weights: torch.Tensor, coupling: torch.Tensor, q: torch.Tensor, inner: int) -> None:
+def _round_block(
+    targets: torch.Tensor, weights: torch.Tensor, coupling: torch.Tensor, q: torch.Tensor, inner: int
+) -> None:
     """Round a block column by column; each error reaches the block's later targets (weights become errors).
 
     Inside an inner block each target gathers its predecessors' errors (one matrix-vector product:

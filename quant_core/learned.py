@@ -88,7 +88,13 @@ def _candidates(weight: ScaledWeight, q: torch.Tensor, u: torch.Tensor, v: torch
     effect = (-step.reshape(-1)[best])[:, None, None] * u_rows[r][:, :, None] * v_cols[c][:, None, :]
     plain_cost = (step * (step - 2 * error)).reshape(-1)[best]
     residual_after = (error - step).reshape(-1)[best]
-    return flat_index, other.reshape(-1)[best].cpu(), effect.reshape(len(best), k * k).cpu(), plain_cost.cpu(), residual_after.cpu()
+    return (
+        flat_index,
+        other.reshape(-1)[best].cpu(),
+        effect.reshape(len(best), k * k).cpu(),
+        plain_cost.cpu(),
+        residual_after.cpu(),
+    )
 
 
 def _search(effect: torch.Tensor, plain_cost: torch.Tensor, p: torch.Tensor, lam: float, max_iter: int):

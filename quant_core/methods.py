@@ -95,7 +95,9 @@ METHODS: dict[str, Method] = {
             "error feedback on recorded input statistics, the smallest output error, kept per layer only where it "
             "beats round-to-nearest on a part of the statistics its rounding did not see",
         ),
-        Method("updown", updown_rounding, True, (), "each value one of its two float16 neighbours, on recorded statistics"),
+        Method(
+            "updown", updown_rounding, True, (), "each value one of its two float16 neighbours, on recorded statistics"
+        ),
     )
 }
 AUTO = "auto"

@@ -142,7 +142,9 @@ _REMEDIES = {
     T5XXL_DROPPED: "dropped by --t5xxl (decoder): convert without it",
     T5XXL_KEPT: "kept by --t5xxl (norms, embeddings): convert without it",
 }
-_NOT_PLAIN_REMEDY = "that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled"
+_NOT_PLAIN_REMEDY = (
+    "that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled"
+)
 
 
 def choose_for(entry: TensorEntry, selection: Selection, patterns: Sequence[re.Pattern[str]]) -> Choice:
@@ -173,7 +175,10 @@ def choose(entries: Iterable[TensorEntry], selection: Selection) -> list[Choice]
 def unsupported_precision(choices: Iterable[Choice]) -> list[str]:
     """Floating-point tensors in a precision the converter does not read (float8): copied unchanged."""
     return [
-        c.name for c in choices if c.entry.torch_dtype is not None and c.entry.torch_dtype.is_floating_point
+        c.name
+        for c in choices
+        if c.entry.torch_dtype is not None
+        and c.entry.torch_dtype.is_floating_point
         and c.entry.torch_dtype not in QUANTIZABLE_DTYPES
     ]
 
@@ -242,7 +247,8 @@ def values_read(choices: Iterable[Choice], output_format: str = SCALED) -> list[
     """The tensors `plan_layout` may read: those a float16 cast may hold exactly, and in the plain format every
     weight to quantize (whether plain float16 holds it)."""
     return [
-        c.entry for c in choices
+        c.entry
+        for c in choices
         if (c.action is Action.CAST_IF_EXACT and c.entry.dtype != "F16")
         or (output_format == PLAIN and c.action is Action.QUANTIZE)
     ]
@@ -327,7 +333,9 @@ def plain_float16_problem(src: SafetensorsFile, name: str, scan: ValueScan | Non
             return f"values up to {largest:.6g} exceed float16's largest, 65504"
         error.add(x, round_to_fp16(x))
     if error.relative_error > PLAIN_ERROR_LIMIT:
-        return f"relative error {error.relative_error:.2e} in plain float16 (values in its subnormal range) exceeds 2^-10"
+        return (
+            f"relative error {error.relative_error:.2e} in plain float16 (values in its subnormal range) exceeds 2^-10"
+        )
     return None
 
 

@@ -129,9 +129,14 @@ class ConversionReport:
             f"output: {self.output}",
             f"tensors: {s['quantized']} quantized, {s['cast_to_fp16']} cast to fp16 (exact), "
             f"{s['kept']} kept as is, {s['dropped']} dropped",
-            f"quantized elements: {s['quantized_elements']:,} ({s['exact_fraction']:.2%} bit-exact after dequantization)",
+            f"quantized elements: {s['quantized_elements']:,} "
+            f"({s['exact_fraction']:.2%} bit-exact after dequantization)",
             f"overall relative error: {s['relative_error']:.3e}"
-            + (f" (round-to-nearest: {s['relative_error_round_to_nearest']:.3e})" if set(s["methods"]) - {"rtn"} else ""),
+            + (
+                f" (round-to-nearest: {s['relative_error_round_to_nearest']:.3e})"
+                if set(s["methods"]) - {"rtn"}
+                else ""
+            ),
             "rounding: " + (", ".join(f"{method} {count}" for method, count in s["methods"].items()) or "none"),
             f"time: {s['seconds']:.2f} s, peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB",
         ]
@@ -139,8 +144,9 @@ class ConversionReport:
         if ratios:
             lines.insert(
                 4,
-                f"calibration objective (output error on the recorded inputs): {s['calibration_objective_ratio']:.3f}x "
-                f"round-to-nearest's (geometric mean over {len(ratios)} layers, {min(ratios):.3f}x to {max(ratios):.3f}x)",
+                "calibration objective (output error on the recorded inputs): "
+                f"{s['calibration_objective_ratio']:.3f}x round-to-nearest's "
+                f"(geometric mean over {len(ratios)} layers, {min(ratios):.3f}x to {max(ratios):.3f}x)",
             )
         if self.not_plain:
             names = list(self.not_plain)

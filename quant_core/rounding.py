@@ -73,7 +73,6 @@ class ScaledWeight:
             x = self.source[rows].to(self.device).to(self.work_dtype)
             yield rows, x * self._factor  # out of place: never write into the mapped source
 
-
     def submatrix(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The scaled elements at the crossing of the given row and column indices."""
         x = self.source[rows.cpu()][:, cols.cpu()].to(self.device).to(self.work_dtype)

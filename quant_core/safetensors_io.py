@@ -15,9 +15,10 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -43,8 +44,28 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 # The safetensors library's own data order (widest types first), so streamed files are byte-identical.
-_DTYPE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
-                "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL")
+_DTYPE_ORDER = (
+    "U64",
+    "I64",
+    "F64",
+    "C64",
+    "F32",
+    "U32",
+    "I32",
+    "BF16",
+    "F16",
+    "U16",
+    "I16",
+    "F8_E8M0",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "F6_E3M2",
+    "F6_E2M3",
+    "F4",
+    "BOOL",
+)
 _HEADER_SIZE_BYTES = 8
 
 
@@ -197,7 +218,7 @@ class SafetensorsFile:
                 log.debug("tensor views of %s still alive; mapping closes with them", self.path)
         self._file.close()
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -345,7 +366,7 @@ class StreamingWriter:
         if self._staged is not None:
             self._staged.discard()
 
-    def __enter__(self) -> "StreamingWriter":
+    def __enter__(self) -> StreamingWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -361,7 +382,10 @@ def write_state_dict(
 
 
 def stage_state_dict(
-    tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike, metadata: Mapping[str, str] | None = None, hint: str = ""
+    tensors: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    hint: str = "",
 ) -> StagedFile:
     """A whole in-memory state dict written into a hidden file in `folder`, for the caller to place where it chooses."""
     with _written_whole(tensors, Path(folder, hint or "state_dict"), metadata) as writer:

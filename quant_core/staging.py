@@ -51,7 +51,8 @@ class StagedFile:
 
     @classmethod
     def copy_of(cls, source: Path, folder: str | os.PathLike) -> StagedFile:
-        """A complete staged copy of `source`: a hard link where the folder is on its disk (no copy), else a synced copy."""
+        """A complete staged copy of `source`: a hard link where the folder is on its disk (no copy), else a
+        synced copy."""
         staged = cls(folder, source.name)
         try:
             staged._close()
@@ -150,7 +151,11 @@ def remove_stale(folder: Path, hint: str) -> None:
     if removed:
         log.warning(
             "removed %d stale partial file%s of %s in %s, left by an interrupted run (%s freed)",
-            removed, "s" if removed > 1 else "", hint, folder, human_bytes(freed),
+            removed,
+            "s" if removed > 1 else "",
+            hint,
+            folder,
+            human_bytes(freed),
         )
 
 

@@ -24,9 +24,9 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.getcwd())
@@ -234,7 +234,8 @@ def partially_unloaded(make, kind):
 
 @contextlib.contextmanager
 def emulated_dynamic_vram_path(make):
-    """ModelPatcherDynamic as ComfyUI loads it on an NVIDIA GPU, emulated on the CPU (tests/emulated_dynamic_vram.py)."""
+    """ModelPatcherDynamic as ComfyUI loads it on an NVIDIA GPU, emulated on the CPU
+    (tests/emulated_dynamic_vram.py)."""
     with emulated_dynamic_vram.emulated_dynamic_vram() as emulated:
         loaded = make(emulated.dynamic)
         comfy.model_management.load_models_gpu([loaded.patcher])
@@ -370,7 +371,8 @@ def measure(kind) -> dict:
                 "layers": {
                     n: effect_agreement(outputs[n] - our_base_probe[n], references[strength][n]) for n in kind.targets
                 },
-                "finite": bool(torch.isfinite(output).all()) and all(bool(torch.isfinite(o).all()) for o in outputs.values()),
+                "finite": bool(torch.isfinite(output).all())
+                and all(bool(torch.isfinite(o).all()) for o in outputs.values()),
                 "unpatched_equal": bool(torch.equal(restored, our_base_output)),
                 "storage_bytes": storage,
                 "staged_dtypes": staged,

@@ -1,15 +1,16 @@
 """ComfyUI's Dynamic VRAM weight path (ModelPatcherDynamic on comfy_aimdo) run in-process on a CPU, for tests.
 
-On an NVIDIA GPU, ComfyUI with Dynamic VRAM (0.30 has it) loads models through `comfy.model_patcher.ModelPatcherDynamic`:
-`load` gives each layer a slot (`_v`) in a per-model virtual VRAM range (comfy_aimdo's `ModelVBAR`) and
-a LoRA becomes the layer's `weight_lowvram_function`; at forward time `comfy.ops.cast_bias_weight` faults
-the slot in, copies the host weight into it through a pinned host buffer unless the slot is still
-resident, applies the LoRA (`post_cast`), commits the patched weight into the slot (`update_weight`), and
-`uncast_bias_weight` unpins the slot. None of it runs on a CPU: `ModelPatcherDynamic(...)` returns a plain
-`ModelPatcher` for a CPU load device and `cast_bias_weight` sends `_v` layers computing on a CPU to a
-plain copy. This module runs that code on the CPU, replacing only the device memory underneath it and the
-two checks that pick the CPU branches. The emulated GPU is `torch.device("cpu", 0)`: ComfyUI compares
-load devices with `torch.device("cpu")`, which it is not, while tensors allocated on it are CPU tensors.
+On an NVIDIA GPU, ComfyUI with Dynamic VRAM (0.30 has it) loads models through
+`comfy.model_patcher.ModelPatcherDynamic`: `load` gives each layer a slot (`_v`) in a per-model virtual VRAM
+range (comfy_aimdo's `ModelVBAR`) and a LoRA becomes the layer's `weight_lowvram_function`; at forward time
+`comfy.ops.cast_bias_weight` faults the slot in, copies the host weight into it through a pinned host buffer
+unless the slot is still resident, applies the LoRA (`post_cast`), commits the patched weight into the slot
+(`update_weight`), and `uncast_bias_weight` unpins the slot. None of it runs on a CPU:
+`ModelPatcherDynamic(...)` returns a plain `ModelPatcher` for a CPU load device and `cast_bias_weight` sends
+`_v` layers computing on a CPU to a plain copy. This module runs that code on the CPU, replacing only the
+device memory underneath it and the two checks that pick the CPU branches. The emulated GPU is
+`torch.device("cpu", 0)`: ComfyUI compares load devices with `torch.device("cpu")`, which it is not, while
+tensors allocated on it are CPU tensors.
 
 Replaced inside `emulated_dynamic_vram()` (everything is restored on exit; `REPLACED` says the same):
 

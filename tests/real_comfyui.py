@@ -26,6 +26,7 @@ def require_comfyui() -> None:
     if not COMFYUI_PATH:
         pytest.skip(HOW_TO_RUN, allow_module_level=True)
 
+
 SCRIPT_TIMEOUT = 900
 
 

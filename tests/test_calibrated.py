@@ -60,7 +60,9 @@ def test_calibrated_beats_round_to_nearest_on_heldout_inputs(device):
     assert calibrated.details["objective_ratio"] < 0.1 and calibrated.details["fallback_rows"] == 0
     # error feedback trades a larger weight error for a smaller output error
     assert calibrated.stats.relative_error > rtn.stats.relative_error
-    assert calibrated.details["weight_error_ratio"] == pytest.approx(calibrated.stats.relative_error / rtn.stats.relative_error)
+    assert calibrated.details["weight_error_ratio"] == pytest.approx(
+        calibrated.stats.relative_error / rtn.stats.relative_error
+    )
     assert calibrated.q.dtype == torch.float16 and calibrated.q.device.type == "cpu"
 
 
@@ -151,7 +153,9 @@ class TinyModel(nn.Module):
     def __init__(self, d: int = 32, vocab: int = 50):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict({name: nn.Linear(d, d) for name in ("q", "k", "v", "out")}) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({name: nn.Linear(d, d) for name in ("q", "k", "v", "out")}) for _ in range(2)
+        )
         mix = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(9))).Q
         self.mix = nn.Parameter(mix * torch.logspace(0.5, -2.5, d)[:, None])
 
@@ -205,8 +209,22 @@ def test_cli_calib_end_to_end(tmp_path, capsys):
     assert not torch.equal(converted[bias], model.blocks[0]["q"].bias.detach())
 
     kept = tmp_path / "kept.safetensors"  # a bias the user excluded is left exactly as it is
-    assert main(["--input", str(source), "--output", str(kept), "--calib", str(stats_path), "-q",
-                 "--exclude", r"blocks\.0\.q\.bias$"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(kept),
+                "--calib",
+                str(stats_path),
+                "-q",
+                "--exclude",
+                r"blocks\.0\.q\.bias$",
+            ]
+        )
+        == 0
+    )
     assert torch.equal(load_file(str(kept))[bias].float(), model.blocks[0]["q"].bias.detach())
 
     def heldout_error(path) -> float:
@@ -266,7 +284,9 @@ def test_unusable_statistics_round_to_nearest_with_a_warning(summary, caplog):
     n = 48
     nan = torch.full((n,), math.nan, dtype=torch.float64)
     if summary:  # wider than twice its rank: the low-rank factor
-        stats = InputStatistics(10, nan, eigenvectors=torch.full((n, 4), math.nan, dtype=torch.float64), eigenvalues=nan[:4], residual=nan)
+        stats = InputStatistics(
+            10, nan, eigenvectors=torch.full((n, 4), math.nan, dtype=torch.float64), eigenvalues=nan[:4], residual=nan
+        )
     else:
         stats = InputStatistics(10, nan, second_moment=torch.full((n, n), math.nan, dtype=torch.float64))
     weight = scaled(torch.randn(20, n, generator=torch.Generator().manual_seed(1)))

@@ -40,7 +40,11 @@ def captured_inputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
     """Every Linear's input rows, captured independently of the recorder."""
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        m.register_forward_pre_hook(
+            lambda mod, args, name=name: seen.setdefault(name, []).append(
+                args[0].reshape(-1, args[0].shape[-1]).double()
+            )
+        )
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
     ]
@@ -85,7 +89,9 @@ def test_recording_under_inference_mode(model_and_batches):
     with StatisticsRecorder(model) as recorder, torch.inference_mode():
         for b in batches:
             model(b)
-    torch.testing.assert_close(recorder.statistics().for_layer("v").hessian(), record(model, batches).for_layer("v").hessian())
+    torch.testing.assert_close(
+        recorder.statistics().for_layer("v").hessian(), record(model, batches).for_layer("v").hessian()
+    )
 
 
 def test_shared_inputs_share_statistics(model_and_batches):
@@ -198,14 +204,26 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     "layers,keys,expected",
     [
         # the file carries a prefix the recorded module tree lacks
-        (["blocks.0.attn.q", "blocks.1.attn.q"], ["model.diffusion_model.blocks.0.attn.q.weight", "model.diffusion_model.blocks.1.attn.q.weight"],
-         {"model.diffusion_model.blocks.0.attn.q.weight": "blocks.0.attn.q", "model.diffusion_model.blocks.1.attn.q.weight": "blocks.1.attn.q"}),
+        (
+            ["blocks.0.attn.q", "blocks.1.attn.q"],
+            ["model.diffusion_model.blocks.0.attn.q.weight", "model.diffusion_model.blocks.1.attn.q.weight"],
+            {
+                "model.diffusion_model.blocks.0.attn.q.weight": "blocks.0.attn.q",
+                "model.diffusion_model.blocks.1.attn.q.weight": "blocks.1.attn.q",
+            },
+        ),
         # recorded on a wrapper (sentence-transformers), file without it
-        (["0.auto_model.encoder.layer.0.attention.self.query"], ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.bias"],
-         {"encoder.layer.0.attention.self.query.weight": "0.auto_model.encoder.layer.0.attention.self.query"}),
+        (
+            ["0.auto_model.encoder.layer.0.attention.self.query"],
+            ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.bias"],
+            {"encoder.layer.0.attention.self.query.weight": "0.auto_model.encoder.layer.0.attention.self.query"},
+        ),
         # whole components only: 'layer.10' is not 'layer.0', 'output.dense' is not 'attention.output.dense'
-        (["layer.0.output.dense", "layer.0.attention.output.dense"], ["layer.10.output.dense.weight", "layer.0.attention.output.dense.weight"],
-         {"layer.0.attention.output.dense.weight": "layer.0.attention.output.dense"}),
+        (
+            ["layer.0.output.dense", "layer.0.attention.output.dense"],
+            ["layer.10.output.dense.weight", "layer.0.attention.output.dense.weight"],
+            {"layer.0.attention.output.dense.weight": "layer.0.attention.output.dense"},
+        ),
         # ambiguous: one short key fits two layers, one short layer fits two keys -> nothing guessed
         (["a.proj", "b.proj"], ["proj.weight"], {}),
         (["proj"], ["a.proj.weight", "b.proj.weight"], {}),

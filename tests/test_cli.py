@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 
@@ -82,7 +82,11 @@ def test_entry_points_end_to_end(entry, example_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, *entry, "--input", str(example_model), "--output", str(out), "--num_iter", "16"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "quantized" in result.stdout and out.exists()
@@ -107,8 +111,9 @@ def test_input_yielding_nothing_useful_is_refused_with_the_causes_counted(save, 
     assert main(["--input", str(src), "--output", str(out), "--exclude", r"^[ab]\."]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"error: {src}: no weight would be quantized, so nothing was written (3 weights in float8: convert the original "
-        "bf16/fp16/fp32 file; 2 weights excluded by --exclude: check the patterns)\n"
+        f"error: {src}: no weight would be quantized, so nothing was written "
+        "(3 weights in float8: convert the original bf16/fp16/fp32 file; "
+        "2 weights excluded by --exclude: check the patterns)\n"
     )
     assert not (tmp_path / "out").exists()
 
@@ -117,7 +122,10 @@ def test_plain_format_holding_no_weight_is_refused(save, tmp_path, capsys):
     src = save({"big.weight": torch.full((4, 4), 1e5), "big.bias": torch.zeros(4)})
     assert main(["--input", str(src), "--output", str(tmp_path / "o.safetensors"), "--format", "plain"]) == 1
     err = capsys.readouterr().err
-    assert "1 weight that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled" in err
+    assert (
+        "1 weight that plain float16 cannot hold (values beyond 65504 or in its subnormal range): use --format scaled"
+        in err
+    )
     assert main(["--input", str(src), "--output", str(tmp_path / "o.safetensors"), "--format", "scaled", "-q"]) == 0
 
 
@@ -142,8 +150,12 @@ def test_a_failed_run_removes_only_the_empty_folders_it_created(example_model, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert_file(example_model, existing / "a" / "b" / "o.safetensors", ConvertOptions(method="rtn"),
-                     check_cancelled=cancel_after_the_writing_started)
+        convert_file(
+            example_model,
+            existing / "a" / "b" / "o.safetensors",
+            ConvertOptions(method="rtn"),
+            check_cancelled=cancel_after_the_writing_started,
+        )
     assert list(existing.iterdir()) == [], "a/b were made by the run: removed; 'existing' was not: kept"
 
 
@@ -165,13 +177,17 @@ def test_a_pytorch_checkpoint_gets_the_hint_to_export_it(name, tmp_path, capsys)
 
 def _run(entry: list[str], *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
     "entry,name",
-    [(["convert_fp16_scaled_learned_svd_fast.py"], "convert_fp16_scaled_learned_svd_fast.py"),
-     (["-m", "quant_core"], "python -m quant_core")],
+    [
+        (["convert_fp16_scaled_learned_svd_fast.py"], "convert_fp16_scaled_learned_svd_fast.py"),
+        (["-m", "quant_core"], "python -m quant_core"),
+    ],
 )
 def test_help_uses_the_name_it_was_run_as_and_shows_only_defaults_that_say_something(entry, name):
     result = _run(entry, "--help")
@@ -186,8 +202,16 @@ def test_quiet_and_verbose_together_are_refused(example_model):
 
 
 def test_verbose_log_lines_never_land_inside_the_progress_bar(example_model, tmp_path):
-    result = _run(["-m", "quant_core"], "--input", str(example_model), "--output", str(tmp_path / "o.safetensors"),
-                  "--method", "rtn", "-v")
+    result = _run(
+        ["-m", "quant_core"],
+        "--input",
+        str(example_model),
+        "--output",
+        str(tmp_path / "o.safetensors"),
+        "--method",
+        "rtn",
+        "-v",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.split("\n")
     logged = [line for line in lines if "DEBUG: " in line]

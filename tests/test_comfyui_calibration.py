@@ -1,8 +1,8 @@
 """Calibration inside a real ComfyUI: calibrate -> quantize -> save -> load, judged on held-out prompts.
 
 Skipped unless COMFYUI_PATH is set (see tests/test_comfyui_integration.py; the server fixture is in
-conftest.py, its helpers in tests/comfyui_server.py). The example workflow `calibrate_and_quantize` samples the generated
-tiny SD1.x checkpoint on calibration prompts (combined with ConditioningCombine, so every step
+conftest.py, its helpers in tests/comfyui_server.py). The example workflow `calibrate_and_quantize`
+samples the generated tiny SD1.x checkpoint on calibration prompts (combined with ConditioningCombine, so every step
 evaluates each of them; the latent batch gives one noise per seed) while CalibrateForQuantFP16
 records the UNet's Linear inputs, then converts the checkpoint's diffusion model twice, calibrated
 (method auto with the calibration connected) and RTN, and saves both. A second graph loads both files
@@ -158,7 +158,9 @@ def saved_name(outputs: dict, node: str) -> str:
 Evaluation = tuple[int, int]  # (setting index, EVALUATIONS index)
 
 
-def held_out_latents(server: Server, outputs: dict, names: list[str]) -> dict[str, dict[Evaluation, list[torch.Tensor]]]:
+def held_out_latents(
+    server: Server, outputs: dict, names: list[str]
+) -> dict[str, dict[Evaluation, list[torch.Tensor]]]:
     """name -> (setting, evaluation) -> the latents of every held-out prompt, in prompt order."""
     latents: dict[str, dict[Evaluation, list[torch.Tensor]]] = {n: {} for n in names}
     for node, out in sorted(outputs.items()):  # prompt order within each (setting, evaluation)

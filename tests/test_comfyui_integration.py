@@ -157,7 +157,9 @@ def test_plain_files_sample_with_comfyuis_own_loaders_like_the_scaled_files(late
 
     fp16_level = max_diff("fp16_lora0", "original_lora0")
     plain_vs_scaled = max_diff("plain_lora0", "scaled_lora0")
-    print(f"\nplain (stock loaders) vs scaled (ScaledFP16Loader): {plain_vs_scaled:.2e}; float16 level {fp16_level:.2e}")
+    print(
+        f"\nplain (stock loaders) vs scaled (ScaledFP16Loader): {plain_vs_scaled:.2e}; float16 level {fp16_level:.2e}"
+    )
     assert plain_vs_scaled <= fp16_level
     assert max_diff("plain_lora0", "original_lora0") <= 2 * fp16_level + 1e-5
     lora_effect = latents["original_lora1"] - latents["original_lora0"]

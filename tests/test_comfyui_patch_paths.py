@@ -3,8 +3,9 @@
 Runs tests/comfyui_patch_paths.py in real ComfyUI (one process per model) and checks, for each path
 and LoRA strength: the LoRA's effect on every patched scaled Linear within 2% of the same LoRA on the
 original float32 model, without a LoRA the same output as a full load, finite outputs, unpatching
-restores the output bit for bit, and Linear weights stored and staged in float16 unless a patch pushes a layer past float16's range at its scale on a path that
-stores patched weights (then that layer is float32 while patched).
+restores the output bit for bit, and Linear weights stored and staged in float16 unless a patch pushes
+a layer past float16's range at its scale on a path that stores patched weights (then that layer is
+float32 while patched).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def test_lora_acts_in_real_units_on_every_path(measured: dict, model: str, path:
         ratios = [layer["ratio"] for layer in outcome["layers"].values()]
         residuals = [layer["residual"] for layer in outcome["layers"].values()]
         print(
-            f"  strength {strength}: effect ratio {min(ratios):.5f}..{max(ratios):.5f}, residual <= {max(residuals):.1e}, "
+            f"  strength {strength}: effect ratio {min(ratios):.5f}..{max(ratios):.5f}, "
+            f"residual <= {max(residuals):.1e}, "
             f"storage {outcome['storage_bytes']}, patched {sorted(set(outcome['patched_how'].values()))}"
         )
         for name, layer in outcome["layers"].items():

@@ -67,13 +67,15 @@ def test_values_beyond_fp16_stay_finite_and_close(example_model, tmp_path):
 
 
 def test_zero_and_tiny_tensors(save, tmp_path):
-    src = save({
-        "zero.weight": torch.zeros(4, 4),
-        "tiny.weight": torch.full((3, 5), 1.5 * 2.0**-120),
-        "tiny_inexact.weight": torch.full((3, 5), 1e-37),
-        "denormal.weight": torch.tensor([[1e-44, -2e-45], [0.0, 3e-45]]),
-        "empty.weight": torch.zeros(0, 4),
-    })
+    src = save(
+        {
+            "zero.weight": torch.zeros(4, 4),
+            "tiny.weight": torch.full((3, 5), 1.5 * 2.0**-120),
+            "tiny_inexact.weight": torch.full((3, 5), 1e-37),
+            "denormal.weight": torch.tensor([[1e-44, -2e-45], [0.0, 3e-45]]),
+            "empty.weight": torch.zeros(0, 4),
+        }
+    )
     out, report = convert(src, tmp_path)
     restored = dequantize_state_dict(load_file(str(out)))
     assert torch.equal(restored["zero.weight"], torch.zeros(4, 4))
@@ -81,7 +83,12 @@ def test_zero_and_tiny_tensors(save, tmp_path):
     assert torch.allclose(restored["tiny_inexact.weight"], torch.full((3, 5), 1e-37), rtol=2**-10, atol=0)
     assert torch.equal(restored["denormal.weight"], torch.tensor([[1e-44, -2e-45], [0.0, 3e-45]]))
     assert restored["empty.weight"].shape == (0, 4)
-    assert {layer.name for layer in report.layers} == {"zero.weight", "tiny.weight", "tiny_inexact.weight", "denormal.weight"}
+    assert {layer.name for layer in report.layers} == {
+        "zero.weight",
+        "tiny.weight",
+        "tiny_inexact.weight",
+        "denormal.weight",
+    }
 
 
 def test_non_finite_weight_is_a_clear_error(save, tmp_path):
@@ -95,7 +102,9 @@ def test_non_finite_weight_is_a_clear_error(save, tmp_path):
 def test_bad_value_in_the_last_weight_with_and_without_the_scan_up_front(prescan, save, tmp_path):
     """Up front: refused before any tensor is converted. Without (weights beyond available memory:
     the file is then read once): refused when that weight is reached. Never an output either way."""
-    src = save({"a.weight": torch.ones(8, 8), "b.weight": torch.ones(8, 8), "z.weight": torch.tensor([[1.0, float("nan")]])})
+    src = save(
+        {"a.weight": torch.ones(8, 8), "b.weight": torch.ones(8, 8), "z.weight": torch.tensor([[1.0, float("nan")]])}
+    )
 
     class Started:
         names: list[str] = []
@@ -127,15 +136,17 @@ def test_fp64_sources_round_correctly(save, tmp_path):
 
 
 def test_cast_if_exact_rule(save, tmp_path):
-    src = save({
-        "exact.bias": torch.tensor([0.5, 1.0, -2.0]),
-        "inexact.bias": torch.tensor([0.1, 0.2]),
-        "bf16.bias": torch.tensor([0.1, 0.2], dtype=torch.bfloat16),
-        "huge.bias": torch.tensor([1e6]),
-        "nan.bias": torch.tensor([float("nan")]),
-        "mask": torch.tensor([True, False]),
-        "linear.weight": torch.ones(2, 2),  # something to quantize, so there is an output at all
-    })
+    src = save(
+        {
+            "exact.bias": torch.tensor([0.5, 1.0, -2.0]),
+            "inexact.bias": torch.tensor([0.1, 0.2]),
+            "bf16.bias": torch.tensor([0.1, 0.2], dtype=torch.bfloat16),
+            "huge.bias": torch.tensor([1e6]),
+            "nan.bias": torch.tensor([float("nan")]),
+            "mask": torch.tensor([True, False]),
+            "linear.weight": torch.ones(2, 2),  # something to quantize, so there is an output at all
+        }
+    )
     out, report = convert(src, tmp_path)
     t = load_file(str(out))
     assert t["exact.bias"].dtype == torch.float16 and t["bf16.bias"].dtype == torch.float16
@@ -146,14 +157,16 @@ def test_cast_if_exact_rule(save, tmp_path):
 
 def test_t5xxl_mode(save, tmp_path):
     g = torch.Generator().manual_seed(0)
-    src = save({
-        "encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8, generator=g),
-        "encoder.block.0.layer.0.layer_norm.weight": torch.rand(8, generator=g) + 0.5,
-        "encoder.final_layer_norm.weight": torch.rand(8, generator=g),
-        "shared.weight": torch.randn(16, 8, generator=g),
-        "decoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8, generator=g),
-        "lm_head.weight": torch.randn(16, 8, generator=g),
-    })
+    src = save(
+        {
+            "encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8, generator=g),
+            "encoder.block.0.layer.0.layer_norm.weight": torch.rand(8, generator=g) + 0.5,
+            "encoder.final_layer_norm.weight": torch.rand(8, generator=g),
+            "shared.weight": torch.randn(16, 8, generator=g),
+            "decoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8, generator=g),
+            "lm_head.weight": torch.randn(16, 8, generator=g),
+        }
+    )
     out, report = convert(src, tmp_path, t5xxl=True)
     t = load_file(str(out))
     q = "encoder.block.0.layer.0.SelfAttention.q"
@@ -168,7 +181,10 @@ def test_t5xxl_mode(save, tmp_path):
 
 def test_keep_distillation_and_exclude(save, tmp_path):
     g = torch.Generator().manual_seed(0)
-    w = {k: torch.randn(8, 8, generator=g) for k in ("img_in.weight", "final_layer.linear.weight", "blocks.0.qkv.weight", "blocks.0.proj.weight")}
+    w = {
+        k: torch.randn(8, 8, generator=g)
+        for k in ("img_in.weight", "final_layer.linear.weight", "blocks.0.qkv.weight", "blocks.0.proj.weight")
+    }
     w = {k: v.to(torch.bfloat16) if k == "img_in.weight" else v for k, v in w.items()}
     src = save(w)
     out, _ = convert(src, tmp_path, keep_distillation=True, exclude=(r"\.proj\.",))
@@ -216,7 +232,6 @@ def test_input_file_is_never_modified(example_model, tmp_path):
     before = example_model.read_bytes()
     convert(example_model, tmp_path, method="learned")
     assert example_model.read_bytes() == before
-
 
 
 class Heard:

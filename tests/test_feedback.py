@@ -24,7 +24,11 @@ def summary_statistics(n: int, k: int, seed: int, dead: int = 0) -> InputStatist
 
 def full_statistics(n: int, seed: int) -> InputStatistics:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3 * n, n, generator=g, dtype=F64) @ torch.randn(n, n, generator=g, dtype=F64) * torch.logspace(0, -2, n, dtype=F64)
+    x = (
+        torch.randn(3 * n, n, generator=g, dtype=F64)
+        @ torch.randn(n, n, generator=g, dtype=F64)
+        * torch.logspace(0, -2, n, dtype=F64)
+    )
     return InputStatistics(3 * n, x.mean(0), second_moment=x.T @ x / x.shape[0])
 
 
@@ -69,7 +73,9 @@ def test_feedback_is_gptq_by_its_definition(kind):
     stats = full_statistics(n, 1) if kind == "dense" else summary_statistics(n, 6, 1)
     w = weights(7, n, 2)
     factor = (
-        DenseFactor.build(stats.hessian(), 0.01, F64) if kind == "dense" else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64, block=8)
+        DenseFactor.build(stats.hessian(), 0.01, F64)
+        if kind == "dense"
+        else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64, block=8)
     )
     q, losses = run(w, factor)
     expected = sequential_reference(w, stats.hessian(), factor.damp, factor.order)
@@ -93,7 +99,11 @@ def test_low_rank_factor_equals_the_dense_factor_of_the_expanded_summary():
 def test_inputs_that_are_always_zero_are_rounded_to_nearest(kind):
     n, dead = 40, 5
     stats = summary_statistics(n, 8, 5, dead=dead)
-    factor = DenseFactor.build(stats.hessian(), 0.01, F64) if kind == "dense" else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64)
+    factor = (
+        DenseFactor.build(stats.hessian(), 0.01, F64)
+        if kind == "dense"
+        else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64)
+    )
     w = weights(6, n, 6)
     q, _ = run(w, factor)
     assert torch.equal(q[:, n - dead :], round_to_fp16(w[:, n - dead :]))

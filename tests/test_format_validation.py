@@ -117,7 +117,9 @@ def test_a_file_written_before_the_scaled_weights_record_still_validates(convert
 
 def test_the_reader_lists_the_scales_a_loader_must_apply_and_dequantizes(tmp_path: Path) -> None:
     src = tmp_path / "flux.safetensors"
-    save_file({"img_in.weight": torch.randn(8, 8, dtype=torch.bfloat16), "double.weight": torch.randn(8, 8) * 1e5}, str(src))
+    save_file(
+        {"img_in.weight": torch.randn(8, 8, dtype=torch.bfloat16), "double.weight": torch.randn(8, 8) * 1e5}, str(src)
+    )
     out = tmp_path / "out.safetensors"
     convert_file(src, out, ConvertOptions(method="rtn", keep_distillation=True))
     scaled = read_scaled_file(out)

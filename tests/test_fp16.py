@@ -28,7 +28,9 @@ def _nearest_fp16_reference(x: float) -> float:
     q = torch.tensor(x, dtype=torch.float32).to(torch.float16)
     candidates = torch.nextafter(q.repeat(3), torch.tensor([-math.inf, 0.0, math.inf], dtype=torch.float16))
     candidates[1] = q
-    best = min(candidates.tolist(), key=lambda c: (abs(x - c), int(torch.tensor(c, dtype=torch.float16).view(torch.int16)) & 1))
+    best = min(
+        candidates.tolist(), key=lambda c: (abs(x - c), int(torch.tensor(c, dtype=torch.float16).view(torch.int16)) & 1)
+    )
     return best
 
 

@@ -11,7 +11,9 @@ import gpu_check  # noqa: E402
 
 
 def test_the_check_runs_every_method_and_passes_on_identical_devices(tmp_path, capsys):
-    assert gpu_check.main(["--device", "cpu", "--hidden", "64", "--tokens", "256", "--out", str(tmp_path / "r.md")]) == 0
+    assert (
+        gpu_check.main(["--device", "cpu", "--hidden", "64", "--tokens", "256", "--out", str(tmp_path / "r.md")]) == 0
+    )
     table = (tmp_path / "r.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if "PASS" in line] == list(gpu_check.METHODS)
 

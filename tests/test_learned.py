@@ -70,4 +70,6 @@ def test_deterministic():
 
 def test_num_iter_zero_is_round_to_nearest():
     w = torch.randn(50, 70, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(learned_rounding(scaled(w), rounding_settings(num_iter=0)).q, round_nearest(scaled(w), rounding_settings()).q)
+    assert torch.equal(
+        learned_rounding(scaled(w), rounding_settings(num_iter=0)).q, round_nearest(scaled(w), rounding_settings()).q
+    )

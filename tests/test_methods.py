@@ -54,9 +54,14 @@ def test_the_command_line_offers_every_flag_setting_with_its_default_and_minimum
 
 def test_calib_samples_is_accepted_for_compatibility_and_says_it_has_no_effect(example_model, capsys) -> None:
     help_text = " ".join(build_parser().format_help().split())
-    assert "--calib_samples CALIB_SAMPLES Accepted for compatibility with the original script; has no effect." in help_text
+    assert (
+        "--calib_samples CALIB_SAMPLES Accepted for compatibility with the original script; has no effect." in help_text
+    )
     out = example_model.with_name("o.safetensors")
-    assert main(["--input", str(example_model), "--output", str(out), "--method", "rtn", "--calib_samples", "5", "-q"]) == 0
+    assert (
+        main(["--input", str(example_model), "--output", str(out), "--method", "rtn", "--calib_samples", "5", "-q"])
+        == 0
+    )
     with safe_open(str(out), "pt") as f:
         settings = json.loads(f.metadata()[META_SETTINGS])
     assert "calib_samples" not in settings and settings["method"] == "rtn"

@@ -210,7 +210,12 @@ def test_component_selection_strips_the_checkpoint_prefix(checkpoint: Path) -> N
         ("diffusion_models", ["input_blocks.0.0.weight", "out.2.weight"], "diffusion model", True),
         ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "text encoder: CLIP-L", True),
         ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "text encoder: CLIP-G", True),
-        ("text_encoders", ["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"], "text encoder: T5XXL", True),
+        (
+            "text_encoders",
+            ["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"],
+            "text encoder: T5XXL",
+            True,
+        ),
         ("text_encoders", ["text_model.encoder.layers.0.mlp.fc1.weight"], "diffusion model", False),
         ("diffusion_models", ["input_blocks.0.0.weight"], "text encoder: CLIP-L", False),
     ],
@@ -258,7 +263,9 @@ def test_round_trip_through_the_nodes_matches_the_original(checkpoint: Path, com
 
 
 @pytest.mark.parametrize("comfy_device", ["mps", "xpu", "privateuseone:0"])  # privateuseone: DirectML
-def test_a_device_the_converter_cannot_use_falls_back_to_the_cpu(comfy_device, checkpoint, comfy_env, monkeypatch, caplog):
+def test_a_device_the_converter_cannot_use_falls_back_to_the_cpu(
+    comfy_device, checkpoint, comfy_env, monkeypatch, caplog
+):
     monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device(comfy_device))
     (source,) = LoadCheckpointForQuant().load("checkpoints/full.safetensors", "diffusion model")
     with caplog.at_level("INFO"):

@@ -71,11 +71,18 @@ PROMPTS = "a red fox in the snow\n\nan old castle at dawn\nportrait of a sailor,
 
 
 def test_nodes_registered() -> None:
-    for name in ("CalibrateForQuantFP16", "CalibrateTextEncoderForQuantFP16", "SaveCalibrationFP16", "LoadCalibrationFP16"):
+    for name in (
+        "CalibrateForQuantFP16",
+        "CalibrateTextEncoderForQuantFP16",
+        "SaveCalibrationFP16",
+        "LoadCalibrationFP16",
+    ):
         assert name in NODE_CLASS_MAPPINGS
 
 
-@pytest.mark.parametrize("steps,record,expected", [(10, 0, set(range(10))), (10, 5, {0, 2, 4, 6, 8}), (4, 9, {0, 1, 2, 3}), (20, 1, {0})])
+@pytest.mark.parametrize(
+    "steps,record,expected", [(10, 0, set(range(10))), (10, 5, {0, 2, 4, 6, 8}), (4, 9, {0, 1, 2, 3}), (20, 1, {0})]
+)
 def test_recorded_steps_cover_the_schedule(steps: int, record: int, expected: set[int]) -> None:
     assert recorded_steps(steps, record) == expected
 
@@ -113,10 +120,24 @@ def test_each_conditioning_of_a_sampling_batch_goes_to_one_fold() -> None:
 
     steps = [torch.randn(6, 3, 4) for _ in range(2)]  # 2 rows (seeds) x 3 conditionings per step
     with recorder:
-        wrapper(apply_model, {"input": steps[0], "timestep": None, "cond_or_uncond": [0, 0, 1],
-                              "c": {"transformer_options": {"uuids": ["p1", "p2", "neg"]}}})
-        wrapper(apply_model, {"input": steps[1][[2, 3, 4, 5, 0, 1]], "timestep": None, "cond_or_uncond": [0, 1, 0],
-                              "c": {"transformer_options": {"uuids": ["p2", "neg", "p1"]}}})
+        wrapper(
+            apply_model,
+            {
+                "input": steps[0],
+                "timestep": None,
+                "cond_or_uncond": [0, 0, 1],
+                "c": {"transformer_options": {"uuids": ["p1", "p2", "neg"]}},
+            },
+        )
+        wrapper(
+            apply_model,
+            {
+                "input": steps[1][[2, 3, 4, 5, 0, 1]],
+                "timestep": None,
+                "cond_or_uncond": [0, 1, 0],
+                "c": {"transformer_options": {"uuids": ["p2", "neg", "p1"]}},
+            },
+        )
     stats = recorder.statistics().for_layer("")
     assert seen == [[0, 0, 1], [0, 1, 0]]
     fold0 = torch.cat([steps[0][[0, 1, 4, 5]], steps[1][[0, 1, 4, 5]]]).reshape(-1, 4).double()  # p1 and neg

@@ -210,7 +210,10 @@ def test_patch_beyond_float16_at_the_layer_scale_stays_finite_and_unpatches_exac
 
 
 PER_FORWARD_PATCHES = {
-    "weight_function, converting (before 0.30)": ("weight_function", lambda layer, delta: [converting_patch(layer, delta)]),
+    "weight_function, converting (before 0.30)": (
+        "weight_function",
+        lambda layer, delta: [converting_patch(layer, delta)],
+    ),
     "weight_function, adding (0.30)": ("weight_function", lambda layer, delta: [adding_patch(delta)]),
     "weight_lowvram_function (Dynamic VRAM)": ("weight_lowvram_function", lambda layer, delta: adding_patch(delta)),
 }

@@ -34,7 +34,9 @@ def test_plain_file_holds_float16_weights_in_real_units_and_nothing_else(example
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     assert metadata["quant.format"] == PLAIN_FORMAT_NAME and json.loads(metadata["quant.settings"])["format"] == "plain"
-    assert read_scaled_file(out).expected_scales == [] and read_scaled_file(out).dequantized().keys() == converted.keys()
+    assert (
+        read_scaled_file(out).expected_scales == [] and read_scaled_file(out).dequantized().keys() == converted.keys()
+    )
 
 
 def test_a_weight_beyond_float16_keeps_its_source_precision_and_is_named(example_model, tmp_path, capsys):
@@ -44,7 +46,9 @@ def test_a_weight_beyond_float16_keeps_its_source_precision_and_is_named(example
     assert "1 weights kept in source precision" in printed and "head.weight" in printed
     assert "--format scaled keeps them in float16" in printed
     source, converted = load_file(str(example_model)), load_file(str(out))
-    assert converted["head.weight"].dtype == torch.float32 and torch.equal(converted["head.weight"], source["head.weight"])
+    assert converted["head.weight"].dtype == torch.float32 and torch.equal(
+        converted["head.weight"], source["head.weight"]
+    )
     report = json.loads(out.with_name("plain.report.json").read_text())
     assert "exceed float16's largest, 65504" in report["kept_in_source_precision"]["head.weight"]
     assert report["summary"]["kept_in_source_precision"] == 1 and "head.weight" not in report["kept"]

@@ -17,19 +17,25 @@ def layout_of(path, selection: Selection, calibrated=()):
 
 
 def test_every_source_tensor_declares_its_outputs(save) -> None:
-    src = save({
-        "enc.q.weight": torch.randn(4, 3),
-        "enc.q.bias": torch.tensor([0.1, 0.2, 0.3, 0.4]),
-        "enc.norm.weight": torch.tensor([1.0, 0.5, 2.0]),
-        "img_in.weight": torch.randn(3, 3, dtype=torch.bfloat16),
-        "decoder.x.weight": torch.randn(2, 2),
-        "ids": torch.arange(3),
-    })
+    src = save(
+        {
+            "enc.q.weight": torch.randn(4, 3),
+            "enc.q.bias": torch.tensor([0.1, 0.2, 0.3, 0.4]),
+            "enc.norm.weight": torch.tensor([1.0, 0.5, 2.0]),
+            "img_in.weight": torch.randn(3, 3, dtype=torch.bfloat16),
+            "decoder.x.weight": torch.randn(2, 2),
+            "ids": torch.arange(3),
+        }
+    )
     layout = layout_of(src, Selection(t5xxl=True, keep_distillation=True))
     plans = {plan.name: plan for plan in layout.plans}
     outputs = {name: [(t.name, t.dtype) for t in plan.outputs] for name, plan in plans.items()}
     assert plans["enc.q.weight"].fate is Fate.QUANTIZED
-    assert outputs["enc.q.weight"] == [("enc.q.weight", "F16"), ("enc.q.scale_weight", "F32"), ("enc.q.scale_input", "F32")]
+    assert outputs["enc.q.weight"] == [
+        ("enc.q.weight", "F16"),
+        ("enc.q.scale_weight", "F32"),
+        ("enc.q.scale_input", "F32"),
+    ]
     assert plans["enc.q.bias"].fate is Fate.KEPT and outputs["enc.q.bias"] == [("enc.q.bias", "F32")]  # inexact
     assert plans["enc.norm.weight"].fate is Fate.CAST and outputs["enc.norm.weight"] == [("enc.norm.weight", "F16")]
     assert outputs["img_in.weight"] == [("img_in.weight", "BF16"), ("img_in.scale_weight", "F32")]

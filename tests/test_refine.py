@@ -3,11 +3,11 @@ updown's values stay next to their weights."""
 
 import pytest
 import torch
+from test_feedback import F64, exact_row_losses, full_statistics, summary_statistics, weights
 
 from quant_core.feedback import DenseFactor, LowRankFactor
 from quant_core.fp16 import other_neighbour, round_to_fp16
 from quant_core.refine import coordinate_descent
-from test_feedback import F64, exact_row_losses, full_statistics, summary_statistics, weights
 
 
 def descend(w: torch.Tensor, factor, sweeps: int, neighbours_only: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -26,7 +26,11 @@ def descend(w: torch.Tensor, factor, sweeps: int, neighbours_only: bool) -> tupl
 def test_descent_gains_what_it_reports_and_ends_at_a_local_minimum(kind, neighbours_only):
     n = 24
     stats = full_statistics(n, 11) if kind == "dense" else summary_statistics(n, 5, 11)
-    factor = DenseFactor.build(stats.hessian(), 0.01, F64) if kind == "dense" else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64, block=8)
+    factor = (
+        DenseFactor.build(stats.hessian(), 0.01, F64)
+        if kind == "dense"
+        else LowRankFactor.build(stats, 0.01, torch.device("cpu"), F64, block=8)
+    )
     w = weights(6, n, 12)
     nearest = round_to_fp16(w)
     q, change, sweeps = descend(w, factor, 1000, neighbours_only)

@@ -147,8 +147,15 @@ def test_output_symlink_to_input_is_refused(example_model: Path, tmp_path: Path)
 
 def _cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "quant_core", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "quant_core", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_disk_full_leaves_nothing(example_model: Path, tmp_path: Path) -> None:
@@ -183,8 +190,14 @@ def test_too_little_free_space_is_refused_before_any_work(example_model: Path, t
         f"code=$?; ls -A {small}; exit $code"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode == 77:
         pytest.skip("mounting a tmpfs is not allowed here")
     size = reference.stat().st_size
@@ -254,9 +267,10 @@ def test_partial_files_of_live_processes_and_others_are_left_alone(example_model
     output = tmp_path / "o.safetensors"
     with StagedFile(tmp_path, output.name) as live:  # this process: alive
         gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        host, _pid, rest = live.path.name[len(".o.safetensors."):].replace("-", ".", 1).split(".", 2)
+        host, _pid, rest = live.path.name[len(".o.safetensors.") :].replace("-", ".", 1).split(".", 2)
         others = [
-            f".o.safetensors.{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}.abcdefgh.partial",  # other host
+            # another host
+            f".o.safetensors.{'0' * 8 if host != '0' * 8 else '1' * 8}-{gone.stdout.strip()}.abcdefgh.partial",
             f".o.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.tmp",  # not our form
             f".other.safetensors.{host}-{gone.stdout.strip()}.abcdefgh.partial",  # another target
             ".o.safetensors.abcdefgh.partial",  # no owner in the name
@@ -291,8 +305,11 @@ def small_models(draw) -> dict[str, torch.Tensor]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(model=small_models(), corruption=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
-       cut=st.one_of(st.none(), st.integers(0, 10**6)))
+@given(
+    model=small_models(),
+    corruption=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10**6)),
+)
 def test_random_models_and_corruptions(model, corruption, cut, tmp_path_factory) -> None:
     folder = tmp_path_factory.mktemp("prop")
     source = folder / "in.safetensors"
@@ -329,7 +346,7 @@ def test_soak_with_random_interruptions(example_model: Path, tmp_path: Path) -> 
         budget = rng.randint(1, 60) if rng.random() < 0.6 else None  # checks before the interruption
         calls = 0
 
-        def check() -> None:
+        def check(budget: int | None = budget) -> None:
             nonlocal calls
             calls += 1
             if budget is not None and calls >= budget:
@@ -337,7 +354,9 @@ def test_soak_with_random_interruptions(example_model: Path, tmp_path: Path) -> 
 
         output = out_dir / f"run{run}.safetensors"
         try:
-            convert_file(example_model, output, ConvertOptions(method=rng.choice(["rtn", "learned"])), check_cancelled=check)
+            convert_file(
+                example_model, output, ConvertOptions(method=rng.choice(["rtn", "learned"])), check_cancelled=check
+            )
             completed.append(output)
         except Interrupted:
             interrupted += 1

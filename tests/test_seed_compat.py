@@ -30,7 +30,9 @@ def test_seed_layout_dequantizes_to_the_real_weights():
         torch.testing.assert_close(restored[key], value, rtol=2**-10, atol=0)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([0.0]), torch.tensor([float("nan")]), torch.tensor([-1.0]), torch.ones(2)])
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.0]), torch.tensor([float("nan")]), torch.tensor([-1.0]), torch.ones(2)]
+)
 def test_malformed_scale_is_refused(bad):
     tensors = load_file(str(FIXTURE))
     tensors["layers.0.linear.scale_weight"] = bad

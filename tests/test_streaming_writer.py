@@ -18,7 +18,10 @@ NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", tor
 
 
 def declared():
-    return [OutputTensor(k, NAMES[v.dtype], tuple(v.shape), tensor_nbytes(NAMES[v.dtype], v.shape)) for k, v in TENSORS.items()]
+    return [
+        OutputTensor(k, NAMES[v.dtype], tuple(v.shape), tensor_nbytes(NAMES[v.dtype], v.shape))
+        for k, v in TENSORS.items()
+    ]
 
 
 def test_streamed_file_reads_like_save_file(tmp_path):

@@ -35,7 +35,12 @@ def match_weight_keys(layer_names: Iterable[str], weight_keys: Iterable[str]) ->
             continue
         fits.sort(reverse=True)
         if len(fits) > 1 and fits[0][0] == fits[1][0]:
-            log.warning("weight '%s' fits recorded layers '%s' and '%s' equally; no statistics used", key, fits[0][1], fits[1][1])
+            log.warning(
+                "weight '%s' fits recorded layers '%s' and '%s' equally; no statistics used",
+                key,
+                fits[0][1],
+                fits[1][1],
+            )
             continue
         chosen[key] = fits[0][1]
     claims: dict[str, list[str]] = defaultdict(list)
@@ -43,13 +48,20 @@ def match_weight_keys(layer_names: Iterable[str], weight_keys: Iterable[str]) ->
         claims[layer].append(key)
     for layer, keys in claims.items():
         if len(keys) > 1:
-            log.warning("recorded layer '%s' fits %d weights (e.g. '%s'); no statistics used for them", layer, len(keys), keys[0])
+            log.warning(
+                "recorded layer '%s' fits %d weights (e.g. '%s'); no statistics used for them",
+                layer,
+                len(keys),
+                keys[0],
+            )
             for key in keys:
                 del chosen[key]
     return chosen
 
 
-def statistics_for_weights(stats: CalibrationStatistics, weights: Mapping[str, Sequence[int]], model: str) -> dict[str, str]:
+def statistics_for_weights(
+    stats: CalibrationStatistics, weights: Mapping[str, Sequence[int]], model: str
+) -> dict[str, str]:
     """Weight key -> recorded layer for the 2-D weights of `model` (name -> shape), checked.
 
     A statistics file that matches no weight, or whose input width differs from a matched

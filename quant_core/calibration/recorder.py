@@ -99,7 +99,9 @@ class _FullMoment(_Buffered):
 
     def finish(self) -> InputStatistics:
         self.flush()
-        return InputStatistics(self.count, (self.sum / self.count).cpu(), second_moment=(self.moment / self.count).cpu())
+        return InputStatistics(
+            self.count, (self.sum / self.count).cpu(), second_moment=(self.moment / self.count).cpu()
+        )
 
 
 class _LowRankMoment(_Buffered):

@@ -113,9 +113,9 @@ def merge_statistics(parts: Sequence[InputStatistics], rank: int | None = None) 
         return parts[0]
     count = sum(part.count for part in parts)
     weights = [part.count / count for part in parts]
-    mean = sum(w * part.mean.to(torch.float64) for w, part in zip(weights, parts))
+    mean = sum(w * part.mean.to(torch.float64) for w, part in zip(weights, parts, strict=True))
     if all(part.is_full for part in parts):
-        moment = sum(w * part.second_moment.to(torch.float64) for w, part in zip(weights, parts))
+        moment = sum(w * part.second_moment.to(torch.float64) for w, part in zip(weights, parts, strict=True))
         return InputStatistics(count, mean, second_moment=moment, folds=tuple(parts))
     if any(part.is_full for part in parts):
         raise ValueError("cannot merge full second moments with eigen summaries")
@@ -123,7 +123,7 @@ def merge_statistics(parts: Sequence[InputStatistics], rank: int | None = None) 
     factor = torch.cat(
         [
             part.eigenvectors.to(torch.float64) * (w * part.eigenvalues.to(torch.float64)).sqrt()
-            for w, part in zip(weights, parts)
+            for w, part in zip(weights, parts, strict=True)
         ],
         dim=1,
     )
@@ -131,7 +131,7 @@ def merge_statistics(parts: Sequence[InputStatistics], rank: int | None = None) 
     values, vectors = torch.linalg.eigh(r @ r.T)
     top = torch.argsort(values, descending=True)[:rank]
     values, vectors = values[top].clamp_min(0), basis @ vectors[:, top]
-    diagonal = sum(w * part.diagonal() for w, part in zip(weights, parts))
+    diagonal = sum(w * part.diagonal() for w, part in zip(weights, parts, strict=True))
     residual = (diagonal - (vectors**2) @ values).clamp_min(0)
     return InputStatistics(count, mean, eigenvectors=vectors, eigenvalues=values, residual=residual, folds=tuple(parts))
 

@@ -30,7 +30,15 @@ META_FORWARD_CALLS = "calib.forward_calls"
 META_LAYERS = "calib.layers"
 META_INPUTS = "calib.inputs"
 META_SETTINGS = "calib.settings"
-_OWN_METADATA = (META_FORMAT, META_FORMAT_VERSION, META_MODEL, META_FORWARD_CALLS, META_LAYERS, META_INPUTS, META_SETTINGS)
+_OWN_METADATA = (
+    META_FORMAT,
+    META_FORMAT_VERSION,
+    META_MODEL,
+    META_FORWARD_CALLS,
+    META_LAYERS,
+    META_INPUTS,
+    META_SETTINGS,
+)
 _REMEDY = "record the statistics again"
 
 
@@ -41,7 +49,7 @@ def statistics_state_dict(stats: CalibrationStatistics) -> tuple[dict[str, torch
     for group in stats.inputs:
         parts = stats.stored(group)  # the folds, not their merge
         prefixes = [f"{group}.fold{k}" for k in range(len(parts))] if len(parts) > 1 else [group]
-        for prefix, part in zip(prefixes, parts):
+        for prefix, part in zip(prefixes, parts, strict=True):
             tensors.update({f"{prefix}.{name}": t.contiguous() for name, t in part.tensors().items()})
         described[group] = {
             "dim": parts[0].dim,
@@ -139,7 +147,7 @@ class _StoredInputs(FoldedInputs):
         counts = self.fold_counts[group] or [tokens]
         parts = []
         with open_safetensors(self.path, remedy=_REMEDY) as f:
-            for prefix, count in zip(_prefixes(group, self.fold_counts[group]), counts):
+            for prefix, count in zip(_prefixes(group, self.fold_counts[group]), counts, strict=True):
                 names = [name for name in TENSOR_NAMES if f"{prefix}.{name}" in self.keys]
                 tensors = {name: f.get_tensor(f"{prefix}.{name}") for name in names}
                 try:

@@ -6,7 +6,7 @@ from typing import Any
 
 
 class PromptServer:
-    instance: "PromptServer | None" = None
+    instance: PromptServer | None = None
 
     def __init__(self) -> None:
         PromptServer.instance = self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 PROGRESS_BAR_ENABLED = True
 PROGRESS_BAR_HOOK: Callable | None = None
