@@ -50,7 +50,7 @@ PLAIN = "kernel, no check"
 VARIANTS: dict[str, dict | None] = {
     PLAIN: None,
     "one way, {0} (2 roundings)": {"candidates": (0.0,)},
-    "one way, {0}, check without descent": {"candidates": (0.0,), "check_sweeps": 0},
+    "one way, {0}, check without descent (the default)": {"candidates": (0.0,), "check_sweeps": 0},
     "one way, {0, 0.75} (3 roundings)": {"candidates": (0.0, 0.75)},
     "one way, {0, 0.75}, check without descent": {"candidates": (0.0, 0.75), "check_sweeps": 0},
     "both ways, {0} (3 roundings)": {"candidates": (0.0,), "both_ways": True},

@@ -10,8 +10,8 @@ Policy, per layer, for statistics recorded in folds (disjoint parts of the data,
 prompt; quant_core.calibration):
 1. the check: each candidate shrinkage alpha of the second moment toward its diagonal,
    H_alpha = (1 - alpha) H + alpha diag(H) (alpha = 1 is round-to-nearest exactly: with a diagonal
-   H error feedback has nothing to move), is rounded by the calibrated kernel on the training folds
-   and scored on the held-out fold, as tr(E H E^T) over round-to-nearest's on that same fold;
+   H error feedback has nothing to move), is rounded by the calibrated kernel (error feedback, without
+   the final descent) on the training folds and scored on the held-out fold, as tr(E H E^T) over round-to-nearest's on that same fold;
 2. the best candidate is used for the final rounding on all the data if it beat round-to-nearest
    on every held-out fold; otherwise the layer is rounded to nearest.
 The training folds are the smaller part of the data (by default one direction only: rounded on the
@@ -32,7 +32,10 @@ from .fp16 import round_to_fp16
 from .rounding import RoundingOutcome, RoundingSettings, ScaledWeight, nearest_pass
 
 CANDIDATES = (0.0,)  # shrinkages tried by the check; 1.0 (round-to-nearest) is always the fallback
-CHECK_SWEEPS = REFINE_SWEEPS  # coordinate-descent sweeps of the check's roundings
+# coordinate-descent sweeps of the check's roundings: none. The check only decides whether the layer keeps
+# calibrated rounding; with descent it cost 2.1x the unchecked kernel on Flux-shaped layers, without 1.46x,
+# and made the same decisions there and on MiniLM (bench/results/held_out_check_*.md)
+CHECK_SWEEPS = 0
 
 log = logging.getLogger(__name__)
 

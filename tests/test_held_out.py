@@ -17,7 +17,7 @@ from torch import nn
 from quant_core.calibrated import calibrated_rounding
 from quant_core.calibration import InputStatistics, StatisticsRecorder, merge_statistics
 from quant_core.fp16 import choose_scale_exponent
-from quant_core.held_out import checked_calibrated_rounding, held_out_ratio
+from quant_core.held_out import CHECK_SWEEPS, checked_calibrated_rounding, held_out_ratio
 from quant_core.methods import METHODS, rounding_settings
 from quant_core.rounding import ScaledWeight, abs_max, round_nearest
 
@@ -147,7 +147,7 @@ def test_one_direction_rounds_on_the_smaller_fold_and_scores_on_the_larger():
     assert [fold.count for fold in stats.folds] == [40, 200]
     weight = scaled(layer.weight.detach())
     outcome = checked_calibrated_rounding(weight, SETTINGS, stats)
-    q = calibrated_rounding(weight, SETTINGS, stats.folds[0]).q
+    q = calibrated_rounding(weight, SETTINGS, stats.folds[0], sweeps=CHECK_SWEEPS).q  # the check's rounding
     assert outcome.details["held_out_ratio_0"] == pytest.approx(held_out_ratio(weight, q, stats.folds[1]))
 
 
