@@ -58,24 +58,25 @@ def test_the_calibrated_method_is_the_checked_one():
     assert METHODS["calibrated"].round is checked_calibrated_rounding
 
 
+def recorded_layer(seed: int, width: int, outputs: int, folds: int, rows: int, summary: bool):
+    """(weight, statistics in `folds` folds of `rows` rows) of a random Linear layer; `summary`: low-rank."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(width, outputs)
+    kwargs = {"max_full_dim": 16, "summary_rank": 12} if summary else {}
+    stats = record(layer, [Anisotropic(width).draw(rows) for _ in range(folds)], **kwargs)
+    return scaled(layer.weight.detach()), stats
+
+
 @pytest.mark.parametrize("summary", [False, True])
 def test_full_shrinkage_is_round_to_nearest(summary):
-    torch.manual_seed(1)
-    layer = nn.Linear(48, 32)
-    kwargs = {"max_full_dim": 16, "summary_rank": 12} if summary else {}
-    stats = record(layer, [Anisotropic(48).draw(200) for _ in range(2)], **kwargs)
-    weight = scaled(layer.weight.detach())
+    weight, stats = recorded_layer(1, 48, 32, folds=2, rows=200, summary=summary)
     q = calibrated_rounding(weight, SETTINGS, stats.shrunk(1.0)).q
     assert torch.equal(q, round_nearest(weight, SETTINGS).q)
 
 
 @pytest.mark.parametrize("summary", [False, True])
 def test_the_held_out_score_is_the_objective_on_the_held_out_fold(summary):
-    torch.manual_seed(5)
-    layer = nn.Linear(40, 24)
-    kwargs = {"max_full_dim": 16, "summary_rank": 12} if summary else {}
-    stats = record(layer, [Anisotropic(40).draw(100) for _ in range(4)], **kwargs)
-    weight = scaled(layer.weight.detach())
+    weight, stats = recorded_layer(5, 40, 24, folds=4, rows=100, summary=summary)
     q = calibrated_rounding(weight, SETTINGS, stats.folds[0]).q
     rtn = round_nearest(weight, SETTINGS).q
     expected = objective(weight, q, stats.folds[1]) / objective(weight, rtn, stats.folds[1])
