@@ -20,6 +20,7 @@ from .errors import QuantError
 from .format import OUTPUT_FORMATS, SCALED
 from .methods import AUTO, DEFAULT, METHODS, SETTINGS, WITH_STATISTICS, methods_reading, resolve
 from .report import LayerReport, report_path_for
+from .staging import discard_unplaced
 
 
 class _ChosenMethod(argparse.Action):
@@ -241,6 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        discard_unplaced()  # the interrupt may have landed before a file's owner took charge of it
         listener.close()
         print("interrupted: no output was written", file=sys.stderr)
         return 130

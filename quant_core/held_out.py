@@ -11,7 +11,8 @@ prompt; quant_core.calibration):
 1. the check: each candidate shrinkage alpha of the second moment toward its diagonal,
    H_alpha = (1 - alpha) H + alpha diag(H) (alpha = 1 is round-to-nearest exactly: with a diagonal
    H error feedback has nothing to move), is rounded by the calibrated kernel (error feedback, without
-   the final descent) on the training folds and scored on the held-out fold, as tr(E H E^T) over round-to-nearest's on that same fold;
+   the final descent) on the training folds and scored on the held-out fold, as tr(E H E^T) over
+   round-to-nearest's on that same fold;
 2. the best candidate is used for the final rounding on all the data if it beat round-to-nearest
    on every held-out fold; otherwise the layer is rounded to nearest.
 The training folds are the smaller part of the data (by default one direction only: rounded on the

@@ -4,7 +4,9 @@ A reader never sees a half-written model, statistics file or report, and an inte
 nothing behind: the converter's output, its JSON report, and the ComfyUI nodes' saves all go through
 `StagedFile`. A process killed outright (SIGKILL, the OOM killer) cannot clean up, so the hidden name
 says which process owns it (`.<name>.<host>-<pid>.<random>.partial`): the next write of that name
-removes the ones whose process is gone, and says so.
+removes the ones whose process is gone, and says so. An interrupt (Ctrl-C, SIGTERM) can land between
+a file's creation and the moment its owner takes charge of it; every file this process has created and
+not yet placed or removed is listed, so the interrupt's handler removes them all (`discard_unplaced`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ _MAX_HINT = 64  # characters of the final name kept in the hidden one: a long na
 _SUFFIX = ".partial"
 # This machine, in the hidden names: a process id means nothing on another machine sharing the folder.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_UNPLACED: set[Path] = set()  # hidden files this process created and has neither placed nor removed
 
 
 class StagedFile:
@@ -40,14 +43,15 @@ class StagedFile:
     def __init__(self, folder: str | os.PathLike, hint: str = ""):
         self.folder = Path(folder)
         self.created_folders = _make_folders(self.folder)  # removed again (when empty) unless the file is placed
+        self.fd = -1
         try:
             remove_stale(self.folder, hint)
-            owner = f"{_HOST}-{os.getpid()}"
-            self.fd, name = tempfile.mkstemp(prefix=f".{hint[:_MAX_HINT]}.{owner}.", suffix=_SUFFIX, dir=self.folder)
+            created = _created(self.folder, f".{hint[:_MAX_HINT]}.{_HOST}-{os.getpid()}.")
+            self.path: Path | None = created[0]
+            self.fd = created[1]
         except BaseException:
             _remove_empty(self.created_folders)
             raise
-        self.path: Path | None = Path(name)
 
     @classmethod
     def copy_of(cls, source: Path, folder: str | os.PathLike) -> StagedFile:
@@ -83,6 +87,7 @@ class StagedFile:
             os.replace(self.path, target)
         else:
             _rename_no_clobber(self.path, target)
+        _UNPLACED.discard(self.path)
         self.path = None
         self.created_folders = []  # they hold the file now
         return target
@@ -101,6 +106,7 @@ class StagedFile:
         self._close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            _UNPLACED.discard(self.path)
             self.path = None
         _remove_empty(self.created_folders)
         self.created_folders = []
@@ -119,6 +125,30 @@ class StagedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def _created(folder: Path, prefix: str) -> tuple[Path, int]:
+    """A new empty file `<prefix><random>.partial` in `folder` and its descriptor, listed as unplaced before
+    it exists. Its permissions are the umask's, as for any file the user writes (it becomes the output)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}{_SUFFIX}"
+        _UNPLACED.add(path)
+        try:
+            return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            _UNPLACED.discard(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            _UNPLACED.discard(path)
+            raise
+
+
+def discard_unplaced() -> None:
+    """Remove every hidden file this process created and has not placed: what an interrupt leaves, wherever
+    it landed. Only for a process that is stopping its writes (the command line on Ctrl-C or SIGTERM)."""
+    for path in list(_UNPLACED):
+        path.unlink(missing_ok=True)
+        _UNPLACED.discard(path)
 
 
 def remove_stale(folder: Path, hint: str) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_core import ConvertOptions, QuantError, convert_file
 from quant_core.cli import main as cli_main
-from quant_core.staging import StagedFile
+from quant_core.staging import StagedFile, discard_unplaced
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,6 +225,24 @@ def test_signal_mid_run_leaves_nothing(sig: int, tmp_path: Path) -> None:
     assert "no output was written" in err
     assert list(out_dir.iterdir()) == []
     assert sha256(source) == before
+
+
+def test_an_interrupt_before_the_owner_takes_charge_still_leaves_nothing(tmp_path: Path) -> None:
+    """A file whose StagedFile never came to be (the interrupt landed right after its creation) is removed
+    by the interrupt's handler; a file already placed, and other files, are not."""
+    orphan = StagedFile(tmp_path, "o.safetensors").path  # its owner dropped without discard or place
+    placed = StagedFile(tmp_path, "p.safetensors").place(tmp_path / "p.safetensors")
+    (tmp_path / "other").write_bytes(b"x")
+    assert orphan.exists()
+    discard_unplaced()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "p.safetensors"]
+    assert placed.stat().st_mode & 0o777 == 0o666 & ~_umask()  # the user's usual permissions, not 0600
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _big_model(folder: Path) -> Path:
