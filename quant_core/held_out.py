@@ -76,7 +76,14 @@ def checked_calibrated_rounding(
     winners = {alpha: sum(r) / len(r) for alpha, r in ratios.items() if max(r) < 1.0}
     if not winners:
         q, stats = nearest_pass(weight)
-        details.update(shrinkage=1.0, fallback_rows=weight.shape[0], calib_tokens=statistics.count)
+        # rounded to nearest: its objective is round-to-nearest's
+        details.update(
+            shrinkage=1.0,
+            fallback_rows=weight.shape[0],
+            calib_tokens=statistics.count,
+            objective_ratio=1.0,
+            weight_error_ratio=1.0,
+        )
         return RoundingOutcome(q, stats, 0, details)
     alpha = min(winners, key=winners.get)
     outcome = calibrated_rounding(weight, settings, statistics.shrunk(alpha), damping, sweeps)

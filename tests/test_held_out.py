@@ -14,12 +14,14 @@ import torch
 from anisotropic import Anisotropic
 from torch import nn
 
+from quant_core import ConvertOptions, convert_file
 from quant_core.calibrated import calibrated_rounding
-from quant_core.calibration import InputStatistics, StatisticsRecorder, merge_statistics
+from quant_core.calibration import CalibrationStatistics, InputStatistics, StatisticsRecorder, merge_statistics
 from quant_core.fp16 import choose_scale_exponent
 from quant_core.held_out import CHECK_SWEEPS, checked_calibrated_rounding, held_out_ratio
 from quant_core.methods import METHODS, rounding_settings
 from quant_core.rounding import ScaledWeight, abs_max, round_nearest
+from quant_core.safetensors_io import write_state_dict
 
 SETTINGS = rounding_settings()
 
@@ -170,3 +172,20 @@ def test_merged_folds_are_the_statistics_the_final_rounding_uses():
     layer = nn.Linear(20, 8)
     stats = record(layer, [Anisotropic(20).draw(64) for _ in range(3)])
     torch.testing.assert_close(merge_statistics(stats.folds).second_moment, stats.second_moment)
+
+
+def test_a_weight_round_to_nearest_holds_exactly_is_reported_like_any_other(tmp_path):
+    """A bfloat16 source lies on the scaled float16 grid: nothing to win on the held-out fold, so the layer
+    is rounded to nearest, and its report says the objective is round-to-nearest's (the summary needs it)."""
+    weight, stats = recorded_layer(8, 32, 16, folds=2, rows=100, summary=False)
+    exact = scaled(weight.source.bfloat16().float())
+    outcome = checked_calibrated_rounding(exact, SETTINGS, stats)
+    assert torch.equal(outcome.q, round_nearest(exact, SETTINGS).q) and outcome.stats.exact_fraction == 1.0
+    assert outcome.details["objective_ratio"] == 1.0 and outcome.details["shrinkage"] == 1.0
+
+    source = write_state_dict({"layer.weight": exact.source.bfloat16()}, tmp_path / "bf16.safetensors")
+    model_stats = CalibrationStatistics({"layer": "layer"}, {"layer": stats})
+    report = convert_file(
+        source, tmp_path / "out.safetensors", ConvertOptions(method="calibrated"), statistics=model_stats
+    )
+    assert report.objective_ratio == 1.0 and report.exact_fraction == 1.0
