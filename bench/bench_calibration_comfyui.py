@@ -149,7 +149,9 @@ def write_report(args: argparse.Namespace, rows: list[dict], total: float, torch
         (
             "Times: calibrate+quantize is the whole graph (sampling with the recorder, saving the statistics, both "
             "conversions, saving both models), in seconds on a shared machine (noisy); the conversion ratio is the "
-            "calibrated conversion's time over the RTN conversion's in the same graph."
+            "calibrated conversion's time over the RTN conversion's in the same graph. RTN's conversion of these 50 "
+            "small weights takes a fraction of a second, mostly fixed costs, so the ratio varies from run to run: "
+            "read its order of magnitude."
         ),
         "",
         (
