@@ -130,8 +130,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], total: float, torch
         "",
         (
             f"`bench/bench_calibration_comfyui.py` (rerun it to reproduce): a real ComfyUI server "
-            f"({Path(os.environ['COMFYUI_PATH']).name}) on the CPU, the generated tiny SD1.x checkpoint (random weights, "
-            "50 UNet Linear weights), 8x8 latents (64x64 px)."
+            f"({Path(os.environ['COMFYUI_PATH']).name}) on the CPU, the generated tiny SD1.x checkpoint (random "
+            "weights, 50 UNet Linear weights), 8x8 latents (64x64 px)."
         ),
         (
             f"Calibration: CalibrateForQuantFP16, {args.steps} euler steps, cfg 7, negative '{graphs.NEGATIVE}', "

@@ -315,9 +315,8 @@ def diagnosis(moments: BranchMoments, lines: list[str]) -> dict[str, dict]:
             for v in VIEWS
         ]
         lines.append(
-            f"| {kind} | {widths[kind]} | {min(ranks[kind])}..{max(ranks[kind])} | {kept[kind][0]} of {kept[kind][1]} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {kind} | {widths[kind]} | {min(ranks[kind])}..{max(ranks[kind])} "
+            f"| {kept[kind][0]} of {kept[kind][1]} | " + " | ".join(cells) + " |"
         )
     lines.append("")
     return models
@@ -437,9 +436,9 @@ def main() -> None:
         "# Calibrated rounding under guidance: where the held-out gain goes",
         "",
         (
-            f"`bench/bench_calibration_diagnosis.py{' --sweep' if args.sweep else ''}` (rerun it to reproduce), ComfyUI "
-            f"{Path(comfyui).name} in-process on the CPU, the generated tiny SD1.x checkpoint. Calibration: "
-            f"{args.prompts} prompts x 2 noises x 8 euler steps, cfg 7, negative '{graphs.NEGATIVE}' "
+            f"`bench/bench_calibration_diagnosis.py{' --sweep' if args.sweep else ''}` (rerun it to reproduce), "
+            f"the ComfyUI checkout {Path(comfyui).name} in-process on the CPU, the generated tiny SD1.x checkpoint. "
+            f"Calibration: {args.prompts} prompts x 2 noises x 8 euler steps, cfg 7, negative '{graphs.NEGATIVE}' "
             "(tests/test_comfyui_calibration.py)."
         ),
         "",
