@@ -30,6 +30,13 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importable at run time once main() has put the repository on sys.path
+    import torch
+
+    from quant_core.calibration import InputStatistics
+    from quant_core.rounding import ScaledWeight
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "calibration_diagnosis.md"
@@ -217,7 +224,7 @@ class BranchMoments:
         return merge_statistics([self.statistics(layer, part) for part in (ordered[0::2], ordered[1::2]) if part])
 
 
-def objective(weight, q, stats) -> float:
+def objective(weight: ScaledWeight, q: torch.Tensor, stats: InputStatistics) -> float:
     """tr(E H E^T) in scaled units, E = W / s - Q, H the statistics' second moment (dense: these widths are small)."""
     h = stats.hessian()
     total = 0.0
@@ -227,7 +234,8 @@ def objective(weight, q, stats) -> float:
     return total
 
 
-def scaled(weight):
+def scaled_weight(weight: torch.Tensor) -> ScaledWeight:
+    """The weight over its power-of-two scale, as the converter rounds it."""
     import torch
 
     from quant_core.fp16 import choose_scale_exponent
@@ -258,7 +266,7 @@ def diagnosis(moments: BranchMoments, lines: list[str]) -> dict[str, dict]:
     for name in s.linears:
         weight, bias = s.original[name]
         kind = layer_type(name)
-        w = scaled(weight)
+        w = scaled_weight(weight)
         nearest = round_nearest(w, settings).q
         models["rtn"][name] = (nearest.float() * 2.0**w.exponent, None)
         widths[kind] = weight.shape[1]
