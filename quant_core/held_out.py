@@ -70,10 +70,11 @@ def checked_calibrated_rounding(
     ratios = {alpha: [] for alpha in candidates}
     for training, held_out in _splits(folds, both_ways):
         for alpha in candidates:
-            # the check's values are dropped once scored: the final rounding must not find them still held
-            checked = calibrated_rounding(weight, settings, training.shrunk(alpha), damping, check_sweeps).q
-            ratios[alpha].append(held_out_ratio(weight, checked, held_out))
-            del checked
+            checked = calibrated_rounding(weight, settings, training.shrunk(alpha), damping, check_sweeps)
+            if checked.stats.error_sq == 0:  # round-to-nearest is exact (a bf16 source): nothing to win or check
+                return checked
+            ratios[alpha].append(held_out_ratio(weight, checked.q, held_out))
+            del checked  # dropped once scored: the final rounding must not find it still held
     details = {f"held_out_ratio_{alpha:g}": max(r) for alpha, r in ratios.items()}
     winners = {alpha: sum(r) / len(r) for alpha, r in ratios.items() if max(r) < 1.0}
     if not winners:
