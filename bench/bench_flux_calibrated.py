@@ -265,7 +265,7 @@ def planned_runs(args: argparse.Namespace, stats_kinds: list[str]) -> list[Run]:
 def heldout_errors(kind: str, models: dict[str, Path], outputs: dict[str, tuple[Path, str]], count: int, tokens: int):
     """Per output file and layer: ||X (W - Q)^T||^2 on held-out hidden states (seeds the statistics never saw),
     W the weights of the file it converted; and whether its float16 values equal another output's."""
-    from quant_core.format import dequantize_state_dict
+    from quant_core.reader import dequantize_state_dict
 
     block = Block(kind)
     block.load_state_dict(load_file(str(models["fp32"])))

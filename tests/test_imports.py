@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,21 @@ def test_the_readme_code_map_lists_every_module_once() -> None:
     listed = [line.split("`")[1] for line in code_map.splitlines() if line.startswith("| `")]
     modules = sorted(str(f.relative_to(ROOT)) for f in [*ROOT.glob("quant_core/**/*.py"), *ROOT.glob("nodes/*.py")])
     assert sorted(m for m in listed if m.startswith(("quant_core/", "nodes/"))) == modules
+
+
+def test_every_engine_name_imported_anywhere_exists() -> None:
+    """Benchmarks and tests import engine names inside functions too, on paths no test runs (a benchmark's
+    evaluation step): a name moved or renamed in quant_core must not leave a stale import behind."""
+    files = sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("nodes/*.py")])
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("quant_core"):
+                module = importlib.import_module(node.module)
+                missing += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}"
+                    for alias in node.names
+                    if not hasattr(module, alias.name)
+                    and importlib.util.find_spec(f"{node.module}.{alias.name}") is None
+                ]
+    assert missing == []
