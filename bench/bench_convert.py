@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.memory import run_sampled  # noqa: E402
+from bench.workdir import work_folder  # noqa: E402
 from quant_core.safetensors_io import OutputTensor, StreamingWriter, tensor_nbytes  # noqa: E402
 
 MiB = 2**20
@@ -67,75 +67,74 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "results" / "convert.md")
     args = parser.parse_args()
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-convert-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = workdir / "model.safetensors"
-    shapes = write_model(model, args.blocks, args.hidden)
-    params = sum(math.prod(s) for s in shapes.values())
-    largest_fp32 = max(math.prod(s) for s in shapes.values()) * 4
-    bound = 1.5 * largest_fp32 + 300 * MiB
-    print(
-        f"model: {model.stat().st_size / MiB:.0f} MiB fp32, {params / 1e6:.0f}M params, "
-        f"largest tensor {largest_fp32 / MiB:.0f} MiB fp32 -> RssAnon bound {bound / MiB:.0f} MiB"
-    )
-
-    runs = {
-        "copy (load -> half -> save)": [
-            sys.executable,
-            "-c",
-            COPY_SNIPPET,
-            str(model),
-            str(workdir / "copy.safetensors"),
-        ]
-    }
-    for method in args.methods.split(","):
-        runs[f"quant_core {method}"] = [
-            sys.executable,
-            "-m",
-            "quant_core",
-            "--input",
-            str(model),
-            "--output",
-            str(workdir / f"{method}.safetensors"),
-            "--method",
-            method,
-            "--overwrite",
-            "-q",
-            "--device",
-            "cpu",
-        ]
-    results = {}
-    for label, cmd in runs.items():
-        stats = run_sampled(cmd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-        if stats.returncode != 0:
-            raise SystemExit(f"{label} failed:\n{stats.output}")
-        results[label] = stats
+    with work_folder(args.workdir, "bench-convert-") as workdir:
+        model = workdir / "model.safetensors"
+        shapes = write_model(model, args.blocks, args.hidden)
+        params = sum(math.prod(s) for s in shapes.values())
+        largest_fp32 = max(math.prod(s) for s in shapes.values()) * 4
+        bound = 1.5 * largest_fp32 + 300 * MiB
         print(
-            f"{label}: {stats.seconds:.1f} s, RssAnon {stats.peak_rss_anon / MiB:.0f} MiB, "
-            f"VmHWM {stats.peak_rss / MiB:.0f} MiB"
+            f"model: {model.stat().st_size / MiB:.0f} MiB fp32, {params / 1e6:.0f}M params, "
+            f"largest tensor {largest_fp32 / MiB:.0f} MiB fp32 -> RssAnon bound {bound / MiB:.0f} MiB"
         )
 
-    baseline = results["copy (load -> half -> save)"].seconds
-    lines = [
-        f"Generated fp32 model: {params / 1e6:.0f}M params ({model.stat().st_size / MiB:.0f} MiB), "
-        f"largest tensor {largest_fp32 / MiB:.0f} MiB as fp32; RssAnon bound {bound / MiB:.0f} MiB. "
-        f"{torch.get_num_threads()} CPU threads.",
-        "",
-        "| run | time (s) | time vs copy | params/s | peak RssAnon (MiB) | within bound | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, s in results.items():
-        within = "yes" if s.peak_rss_anon <= bound else "no"
-        lines.append(
-            f"| {label} | {s.seconds:.1f} | {s.seconds / baseline:.2f}x | {params / s.seconds / 1e6:.1f}M | "
-            f"{s.peak_rss_anon / MiB:.0f} | {within} | {s.peak_rss / MiB:.0f} |"
-        )
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(table + "\n")
-    for p in workdir.glob("*.safetensors"):
-        p.unlink()
+        runs = {
+            "copy (load -> half -> save)": [
+                sys.executable,
+                "-c",
+                COPY_SNIPPET,
+                str(model),
+                str(workdir / "copy.safetensors"),
+            ]
+        }
+        for method in args.methods.split(","):
+            runs[f"quant_core {method}"] = [
+                sys.executable,
+                "-m",
+                "quant_core",
+                "--input",
+                str(model),
+                "--output",
+                str(workdir / f"{method}.safetensors"),
+                "--method",
+                method,
+                "--overwrite",
+                "-q",
+                "--device",
+                "cpu",
+            ]
+        results = {}
+        for label, cmd in runs.items():
+            stats = run_sampled(cmd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+            if stats.returncode != 0:
+                raise SystemExit(f"{label} failed:\n{stats.output}")
+            results[label] = stats
+            print(
+                f"{label}: {stats.seconds:.1f} s, RssAnon {stats.peak_rss_anon / MiB:.0f} MiB, "
+                f"VmHWM {stats.peak_rss / MiB:.0f} MiB"
+            )
+
+        baseline = results["copy (load -> half -> save)"].seconds
+        lines = [
+            f"Generated fp32 model: {params / 1e6:.0f}M params ({model.stat().st_size / MiB:.0f} MiB), "
+            f"largest tensor {largest_fp32 / MiB:.0f} MiB as fp32; RssAnon bound {bound / MiB:.0f} MiB. "
+            f"{torch.get_num_threads()} CPU threads.",
+            "",
+            "| run | time (s) | time vs copy | params/s | peak RssAnon (MiB) | within bound | peak RSS (MiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, s in results.items():
+            within = "yes" if s.peak_rss_anon <= bound else "no"
+            lines.append(
+                f"| {label} | {s.seconds:.1f} | {s.seconds / baseline:.2f}x | {params / s.seconds / 1e6:.1f}M | "
+                f"{s.peak_rss_anon / MiB:.0f} | {within} | {s.peak_rss / MiB:.0f} |"
+            )
+        table = "\n".join(lines)
+        print("\n" + table)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+        for p in workdir.glob("*.safetensors"):
+            p.unlink()
 
 
 if __name__ == "__main__":

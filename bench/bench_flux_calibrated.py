@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
+
+from bench.workdir import work_folder  # noqa: E402
 
 MiB = 2**20
 HIDDEN = 3072
@@ -328,82 +329,85 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "results" / "flux_calibrated.md")
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-flux-"))
-    work.mkdir(parents=True, exist_ok=True)
-    stats_kinds = ["summary"] + (["full"] if args.full_moments else [])
-    runs = planned_runs(args, stats_kinds)
+    with work_folder(args.workdir, "bench-flux-") as work:
+        stats_kinds = ["summary"] + (["full"] if args.full_moments else [])
+        runs = planned_runs(args, stats_kinds)
 
-    results: dict[tuple[str, str], dict] = {}
-    recordings: dict[tuple[str, str], dict] = {}
-    for index, kind in enumerate(args.kinds.split(",")):
-        models = {"fp32": work / f"{kind}.safetensors", "bf16": work / f"{kind}_bf16.safetensors"}
-        state = {k: v.detach().contiguous() for k, v in generated_block(kind, seed=index).state_dict().items()}
-        save_file(state, str(models["fp32"]))
-        save_file({k: v.bfloat16() for k, v in state.items()}, str(models["bf16"]))
-        del state
-        for stats_kind in stats_kinds:
-            path = work / f"{kind}_{stats_kind}.calib.safetensors"
-            unfolded = work / f"{kind}_{stats_kind}_nofolds.calib.safetensors"
-            max_full_dim = 2048 if stats_kind == "summary" else 16384
-            result, sampled = run_worker(
-                f"{kind}: record {stats_kind}",
-                [
-                    "record",
-                    "--kind",
-                    kind,
-                    "--model",
-                    str(models["fp32"]),
-                    "--out",
-                    str(path),
-                    "--unfolded",
-                    str(unfolded),
-                    "--max_full_dim",
-                    str(max_full_dim),
-                    "--forwards",
-                    str(args.forwards),
-                    "--tokens",
-                    str(args.tokens),
-                ],
-                threads=args.threads,
-            )
-            recordings[(kind, stats_kind)] = {**result, "peak": sampled.peak_rss_anon, "path": path}
-            unfolded_file = {"file_bytes": unfolded.stat().st_size, "path": unfolded}
-            recordings[(kind, f"{stats_kind}, no folds")] = {**result, **unfolded_file, "peak": sampled.peak_rss_anon}
-        outputs = {}
-        for number, run in enumerate(runs):
-            out = work / f"{kind}_{number}.out.safetensors"
-            calib = ["--calib", str(recordings[(kind, run.stats)]["path"])] if run.stats else []
-            exclude = ["--exclude", args.baseline_exclude] if run.code != ROOT and args.baseline_exclude else []
-            result, sampled = run_worker(
-                f"{kind}: {run.label}",
-                [
-                    "convert",
-                    "--model",
-                    str(models[run.source]),
-                    "--out",
-                    str(out),
-                    "--method",
-                    run.method,
-                    *calib,
-                    *exclude,
-                ],
-                code_root=run.code,
-                threads=args.threads,
-            )
-            results[(kind, run.label)] = {**result, "peak": sampled.peak_rss_anon}
-            outputs[run.label] = (out, run.source)
-        errors = heldout_errors(kind, models, outputs, args.heldout, args.tokens)
-        for run in runs:
-            results[(kind, run.label)]["errors"] = errors[run.label]
-            results[(kind, run.label)]["same_as_baseline"] = same_values(
-                outputs[run.label][0], outputs[run.baseline][0]
-            )
-        for path in work.glob(f"{kind}_*.out.*"):
-            path.unlink()
-    table = render(runs, results, recordings, args)
-    print("\n" + table)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(table + "\n")
+        results: dict[tuple[str, str], dict] = {}
+        recordings: dict[tuple[str, str], dict] = {}
+        for index, kind in enumerate(args.kinds.split(",")):
+            models = {"fp32": work / f"{kind}.safetensors", "bf16": work / f"{kind}_bf16.safetensors"}
+            state = {k: v.detach().contiguous() for k, v in generated_block(kind, seed=index).state_dict().items()}
+            save_file(state, str(models["fp32"]))
+            save_file({k: v.bfloat16() for k, v in state.items()}, str(models["bf16"]))
+            del state
+            for stats_kind in stats_kinds:
+                path = work / f"{kind}_{stats_kind}.calib.safetensors"
+                unfolded = work / f"{kind}_{stats_kind}_nofolds.calib.safetensors"
+                max_full_dim = 2048 if stats_kind == "summary" else 16384
+                result, sampled = run_worker(
+                    f"{kind}: record {stats_kind}",
+                    [
+                        "record",
+                        "--kind",
+                        kind,
+                        "--model",
+                        str(models["fp32"]),
+                        "--out",
+                        str(path),
+                        "--unfolded",
+                        str(unfolded),
+                        "--max_full_dim",
+                        str(max_full_dim),
+                        "--forwards",
+                        str(args.forwards),
+                        "--tokens",
+                        str(args.tokens),
+                    ],
+                    threads=args.threads,
+                )
+                recordings[(kind, stats_kind)] = {**result, "peak": sampled.peak_rss_anon, "path": path}
+                unfolded_file = {"file_bytes": unfolded.stat().st_size, "path": unfolded}
+                recordings[(kind, f"{stats_kind}, no folds")] = {
+                    **result,
+                    **unfolded_file,
+                    "peak": sampled.peak_rss_anon,
+                }
+            outputs = {}
+            for number, run in enumerate(runs):
+                out = work / f"{kind}_{number}.out.safetensors"
+                calib = ["--calib", str(recordings[(kind, run.stats)]["path"])] if run.stats else []
+                exclude = ["--exclude", args.baseline_exclude] if run.code != ROOT and args.baseline_exclude else []
+                result, sampled = run_worker(
+                    f"{kind}: {run.label}",
+                    [
+                        "convert",
+                        "--model",
+                        str(models[run.source]),
+                        "--out",
+                        str(out),
+                        "--method",
+                        run.method,
+                        *calib,
+                        *exclude,
+                    ],
+                    code_root=run.code,
+                    threads=args.threads,
+                )
+                results[(kind, run.label)] = {**result, "peak": sampled.peak_rss_anon}
+                outputs[run.label] = (out, run.source)
+            errors = heldout_errors(kind, models, outputs, args.heldout, args.tokens)
+            for run in runs:
+                results[(kind, run.label)]["errors"] = errors[run.label]
+                results[(kind, run.label)]["same_as_baseline"] = same_values(
+                    outputs[run.label][0], outputs[run.baseline][0]
+                )
+            for path in work.glob(f"{kind}_*.out.*"):
+                path.unlink()
+        table = render(runs, results, recordings, args)
+        print("\n" + table)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
 
 
 def _ratio(a: float, b: float) -> str:

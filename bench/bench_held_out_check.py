@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.workdir import work_folder  # noqa: E402
 from quant_core import methods  # noqa: E402
 from quant_core.calibrated import calibrated_rounding  # noqa: E402
 from quant_core.held_out import checked_calibrated_rounding  # noqa: E402
@@ -165,59 +166,61 @@ def run_minilm(args: argparse.Namespace) -> list[str]:
     from quant_core.calibration import StatisticsRecorder, load_statistics, save_statistics
     from quant_core.reader import dequantize_state_dict
 
-    work = Path(tempfile.mkdtemp(prefix="bench-held-out-"))
-    source_path, tokenizer, model = load_minilm()
-    calibration, heldout = calibration_and_heldout(args.calibration, args.heldout)
-    recorder = StatisticsRecorder(model, max_full_dim=4096)
-    record(model, tokenizer, calibration, [recorder])
-    stats_file = save_statistics(recorder.statistics(model="all-MiniLM-L6-v2"), work / "stats.safetensors")
-    held_recorder = StatisticsRecorder(model, max_full_dim=4096, folds=1)
-    record(model, tokenizer, heldout, [held_recorder])
-    held_stats = held_recorder.statistics()
-    reference = embeddings(model, tokenizer, heldout)
-    source = load_file(str(source_path))
-    results = {}
-    for label, variant in [("rtn", "rtn"), *VARIANTS.items()]:
-        out = work / "out.safetensors"
-        with calibrated_as(None if variant == "rtn" else variant):
-            started = time.perf_counter()
-            report = convert_file(
-                source_path,
-                out,
-                ConvertOptions(method="rtn" if variant == "rtn" else "calibrated", overwrite=True),
-                statistics=None if variant == "rtn" else load_statistics(stats_file),
+    with work_folder(None, "bench-held-out-") as work:
+        source_path, tokenizer, model = load_minilm()
+        calibration, heldout = calibration_and_heldout(args.calibration, args.heldout)
+        recorder = StatisticsRecorder(model, max_full_dim=4096)
+        record(model, tokenizer, calibration, [recorder])
+        stats_file = save_statistics(recorder.statistics(model="all-MiniLM-L6-v2"), work / "stats.safetensors")
+        held_recorder = StatisticsRecorder(model, max_full_dim=4096, folds=1)
+        record(model, tokenizer, heldout, [held_recorder])
+        held_stats = held_recorder.statistics()
+        reference = embeddings(model, tokenizer, heldout)
+        source = load_file(str(source_path))
+        results = {}
+        for label, variant in [("rtn", "rtn"), *VARIANTS.items()]:
+            out = work / "out.safetensors"
+            with calibrated_as(None if variant == "rtn" else variant):
+                started = time.perf_counter()
+                report = convert_file(
+                    source_path,
+                    out,
+                    ConvertOptions(method="rtn" if variant == "rtn" else "calibrated", overwrite=True),
+                    statistics=None if variant == "rtn" else load_statistics(stats_file),
+                )
+                wall = time.perf_counter() - started
+            restored = dequantize_state_dict(load_file(str(out)))
+            rows = layer_errors(source, restored, held_stats)
+            kept = sum(
+                layer.details.get("shrinkage", 0.0) < 1.0 for layer in report.layers if layer.method == "calibrated"
             )
-            wall = time.perf_counter() - started
-        restored = dequantize_state_dict(load_file(str(out)))
-        rows = layer_errors(source, restored, held_stats)
-        kept = sum(layer.details.get("shrinkage", 0.0) < 1.0 for layer in report.layers if layer.method == "calibrated")
-        results[label] = {
-            "error": pooled(rows, "out_sq", "ref_sq"),
-            "e2e": end_to_end(model, tokenizer, restored, heldout, reference)[0],
-            "wall": wall,
-            "kept": kept,
-            "layers": sum(layer.method == "calibrated" for layer in report.layers),
-        }
-        print(f"{label}: {wall:.1f} s, held-out error {results[label]['error']:.3e}", flush=True)
-    base = results["rtn"]
-    lines = [
-        "# The held-out check on all-MiniLM-L6-v2",
-        "",
-        header("minilm"),
-        f"{args.calibration} calibration sentences (2 folds: alternate sentences, full second moments), "
-        f"{args.heldout} held-out sentences (bench/sentences.py), the real converter.",
-        "",
-        "| variant | conversion (s) | vs the kernel without a check | layers kept calibrated "
-        "| held-out Linear output error vs RTN | embedding deviation vs RTN |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, r in results.items():
-        kept = f"{r['kept']} of {r['layers']}" if r["layers"] else "-"
-        lines.append(
-            f"| {label} | {r['wall']:.1f} | {ratio(r['wall'], results[PLAIN]['wall'])} | {kept} "
-            f"| {ratio(r['error'], base['error'])} | {ratio(r['e2e'], base['e2e'])} |"
-        )
-    return lines
+            results[label] = {
+                "error": pooled(rows, "out_sq", "ref_sq"),
+                "e2e": end_to_end(model, tokenizer, restored, heldout, reference)[0],
+                "wall": wall,
+                "kept": kept,
+                "layers": sum(layer.method == "calibrated" for layer in report.layers),
+            }
+            print(f"{label}: {wall:.1f} s, held-out error {results[label]['error']:.3e}", flush=True)
+        base = results["rtn"]
+        lines = [
+            "# The held-out check on all-MiniLM-L6-v2",
+            "",
+            header("minilm"),
+            f"{args.calibration} calibration sentences (2 folds: alternate sentences, full second moments), "
+            f"{args.heldout} held-out sentences (bench/sentences.py), the real converter.",
+            "",
+            "| variant | conversion (s) | vs the kernel without a check | layers kept calibrated "
+            "| held-out Linear output error vs RTN | embedding deviation vs RTN |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, r in results.items():
+            kept = f"{r['kept']} of {r['layers']}" if r["layers"] else "-"
+            lines.append(
+                f"| {label} | {r['wall']:.1f} | {ratio(r['wall'], results[PLAIN]['wall'])} | {kept} "
+                f"| {ratio(r['error'], base['error'])} | {ratio(r['e2e'], base['e2e'])} |"
+            )
+        return lines
 
 
 # ---- the tiny SD1.x UNet in a real ComfyUI ----

@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -254,27 +253,30 @@ def main() -> None:
     import torch
 
     import_pack()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    use_models_dir(workdir / "models")
-    loader = bench_loader(workdir, args.unet, [int(s) for s in args.latents.split(",")], args.steps, args.repeats)
-    memory = bench_quantize_node(workdir, args.comfyui, args.blocks, args.hidden)
-    import comfyui_version
+    sys.path.append(str(ROOT))
+    from bench.workdir import work_folder
 
-    header = [
-        f"ComfyUI {comfyui_version.__version__} (--cpu), torch {torch.__version__}, {torch.get_num_threads()} CPU "
-        f"threads, {platform.processor() or platform.machine()}.",
-        "",
-        f"Command: `python bench/bench_loader.py --comfyui PATH --unet {args.unet} "
-        f"--latents {args.latents} --steps {args.steps} --repeats {args.repeats} --blocks {args.blocks} "
-        f"--hidden {args.hidden}` (ComfyUI's Python).",
-        "",
-        "## ScaledFP16Loader vs UNETLoader",
-        "",
-    ]
-    text = "\n".join([*header, *loader, "", "## Quantize node memory", "", *memory]) + "\n"
-    print("\n" + text)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(text)
+    with work_folder(args.workdir, "bench-loader-") as workdir:
+        use_models_dir(workdir / "models")
+        loader = bench_loader(workdir, args.unet, [int(s) for s in args.latents.split(",")], args.steps, args.repeats)
+        memory = bench_quantize_node(workdir, args.comfyui, args.blocks, args.hidden)
+        import comfyui_version
+
+        header = [
+            f"ComfyUI {comfyui_version.__version__} (--cpu), torch {torch.__version__}, {torch.get_num_threads()} CPU "
+            f"threads, {platform.processor() or platform.machine()}.",
+            "",
+            f"Command: `python bench/bench_loader.py --comfyui PATH --unet {args.unet} "
+            f"--latents {args.latents} --steps {args.steps} --repeats {args.repeats} --blocks {args.blocks} "
+            f"--hidden {args.hidden}` (ComfyUI's Python).",
+            "",
+            "## ScaledFP16Loader vs UNETLoader",
+            "",
+        ]
+        text = "\n".join([*header, *loader, "", "## Quantize node memory", "", *memory]) + "\n"
+        print("\n" + text)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
 
 
 if __name__ == "__main__":

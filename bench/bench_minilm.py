@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.sentences import calibration_and_heldout  # noqa: E402
+from bench.workdir import work_folder  # noqa: E402
 from quant_core import ConvertOptions, convert_file  # noqa: E402
 from quant_core.calibration import CalibrationStatistics, StatisticsRecorder, load_statistics, save_statistics  # noqa: E402
 from quant_core.methods import METHODS  # noqa: E402
@@ -153,72 +153,75 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "results" / "minilm.md")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-minilm-"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    source_path, tokenizer, model = load_minilm()
-    calibration, heldout = calibration_and_heldout(args.calibration, args.heldout)
-    assert not set(calibration) & set(heldout)
-    full = StatisticsRecorder(model, max_full_dim=4096, max_tokens=args.calib_samples)
-    summary = StatisticsRecorder(model, max_full_dim=512, summary_rank=args.summary_rank, max_tokens=args.calib_samples)
-    started = time.perf_counter()
-    record(model, tokenizer, calibration, [full])
-    record_seconds = time.perf_counter() - started
-    record(model, tokenizer, calibration, [summary])
-    stats_files = {
-        "full": save_statistics(full.statistics(model="all-MiniLM-L6-v2"), work / "stats.safetensors"),
-        "summary": save_statistics(summary.statistics(model="all-MiniLM-L6-v2"), work / "stats_summary.safetensors"),
-    }
-    held_recorder = StatisticsRecorder(model, max_full_dim=4096)
-    record(model, tokenizer, heldout, [held_recorder])
-    held_stats = held_recorder.statistics()
-    reference = embeddings(model, tokenizer, heldout)
-    source = load_file(str(source_path))
-
-    runs = [(m, "full" if METHODS[m].needs_statistics else None) for m in methods]
-    if "calibrated" in methods:
-        runs.append(("calibrated", "summary"))
-    results = {}
-    for method, stats_kind in runs:
-        label = method if stats_kind != "summary" else f"calibrated, rank-{args.summary_rank} summary"
-        out = work / (f"{method}_{stats_kind}.safetensors" if stats_kind else f"{method}.safetensors")
-        started = time.perf_counter()
-        calib = load_statistics(stats_files[stats_kind]) if stats_kind else None  # what --calib does
-        report = convert_file(source_path, out, ConvertOptions(method=method, overwrite=True), statistics=calib)
-        wall = time.perf_counter() - started
-        restored = dequantize_state_dict(load_file(str(out)))
-        rows = layer_errors(source, restored, held_stats)
-        e2e = end_to_end(model, tokenizer, restored, heldout, reference)
-        source_biases = {**restored, **{k: v for k, v in source.items() if k.endswith(".bias")}}
-        e2e_no_bias = end_to_end(model, tokenizer, source_biases, heldout, reference) if calib is not None else None
-        seconds = defaultdict(float)
-        for layer in report.layers:
-            kind = (
-                layer_type(layer.name[: -len(".weight")])
-                if layer.name[: -len(".weight")] in held_stats.layers
-                else "embeddings"
-            )
-            seconds[kind] += layer.seconds
-        results[label] = {
-            "rows": rows,
-            "e2e": e2e,
-            "e2e_no_bias": e2e_no_bias,
-            "wall": wall,
-            "seconds": seconds,
-            "methods": report.method_counts,
-        }
-        print(
-            f"{label}: converted in {wall:.1f} s, held-out Linear output error {pooled(rows, 'out_sq', 'ref_sq'):.3e}",
-            flush=True,
+    with work_folder(args.workdir, "bench-minilm-") as work:
+        source_path, tokenizer, model = load_minilm()
+        calibration, heldout = calibration_and_heldout(args.calibration, args.heldout)
+        assert not set(calibration) & set(heldout)
+        full = StatisticsRecorder(model, max_full_dim=4096, max_tokens=args.calib_samples)
+        summary = StatisticsRecorder(
+            model, max_full_dim=512, summary_rank=args.summary_rank, max_tokens=args.calib_samples
         )
+        started = time.perf_counter()
+        record(model, tokenizer, calibration, [full])
+        record_seconds = time.perf_counter() - started
+        record(model, tokenizer, calibration, [summary])
+        stats_files = {
+            "full": save_statistics(full.statistics(model="all-MiniLM-L6-v2"), work / "stats.safetensors"),
+            "summary": save_statistics(
+                summary.statistics(model="all-MiniLM-L6-v2"), work / "stats_summary.safetensors"
+            ),
+        }
+        held_recorder = StatisticsRecorder(model, max_full_dim=4096)
+        record(model, tokenizer, heldout, [held_recorder])
+        held_stats = held_recorder.statistics()
+        reference = embeddings(model, tokenizer, heldout)
+        source = load_file(str(source_path))
 
-    memory = {"full": full.memory_bytes, "summary": summary.memory_bytes}
-    cal = load_statistics(stats_files["full"])
-    lines = render(results, held_stats, cal, memory, record_seconds, args, len(calibration), len(heldout))
-    table = "\n".join(lines)
-    print(table)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(table + "\n")
+        runs = [(m, "full" if METHODS[m].needs_statistics else None) for m in methods]
+        if "calibrated" in methods:
+            runs.append(("calibrated", "summary"))
+        results = {}
+        for method, stats_kind in runs:
+            label = method if stats_kind != "summary" else f"calibrated, rank-{args.summary_rank} summary"
+            out = work / (f"{method}_{stats_kind}.safetensors" if stats_kind else f"{method}.safetensors")
+            started = time.perf_counter()
+            calib = load_statistics(stats_files[stats_kind]) if stats_kind else None  # what --calib does
+            report = convert_file(source_path, out, ConvertOptions(method=method, overwrite=True), statistics=calib)
+            wall = time.perf_counter() - started
+            restored = dequantize_state_dict(load_file(str(out)))
+            rows = layer_errors(source, restored, held_stats)
+            e2e = end_to_end(model, tokenizer, restored, heldout, reference)
+            source_biases = {**restored, **{k: v for k, v in source.items() if k.endswith(".bias")}}
+            e2e_no_bias = end_to_end(model, tokenizer, source_biases, heldout, reference) if calib is not None else None
+            seconds = defaultdict(float)
+            for layer in report.layers:
+                kind = (
+                    layer_type(layer.name[: -len(".weight")])
+                    if layer.name[: -len(".weight")] in held_stats.layers
+                    else "embeddings"
+                )
+                seconds[kind] += layer.seconds
+            results[label] = {
+                "rows": rows,
+                "e2e": e2e,
+                "e2e_no_bias": e2e_no_bias,
+                "wall": wall,
+                "seconds": seconds,
+                "methods": report.method_counts,
+            }
+            print(
+                f"{label}: converted in {wall:.1f} s, "
+                f"held-out Linear output error {pooled(rows, 'out_sq', 'ref_sq'):.3e}",
+                flush=True,
+            )
+
+        memory = {"full": full.memory_bytes, "summary": summary.memory_bytes}
+        cal = load_statistics(stats_files["full"])
+        lines = render(results, held_stats, cal, memory, record_seconds, args, len(calibration), len(heldout))
+        table = "\n".join(lines)
+        print(table)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
 
 
 def render(results, held_stats, cal, memory, record_seconds, args, n_cal, n_held) -> list[str]:
