@@ -166,16 +166,24 @@ class ScaledLinear(ScaleAware):
         return_weight: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor | None:
-        """Real units -> stored units at the layer's scale (with return_weight: float32, not stored)."""
+        """Real units -> stored units at the layer's scale (with return_weight: float32, not stored).
+
+        A float32 `weight` is converted in place: ComfyUI's weight-hook cache keeps the very tensor it handed
+        over here and later copies it straight into the stored weight (`patch_cached_hook_weights`), so it
+        must hold stored units too.
+        """
         scale = self._parameters.get(SCALE)
         if self._patching:
             return weight
-        stored = weight.to(torch.float32)
-        if scale is not None:
-            stored = stored / scale.to(device=weight.device)
         if return_weight:
-            return stored
+            stored = weight.to(torch.float32)
+            return stored / scale.to(device=weight.device) if scale is not None else stored
+        stored = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+        if scale is not None:
+            stored = stored.div_(scale.to(device=weight.device))
         new = storage_tensor(stored, self.weight.dtype)
+        if new.data_ptr() == weight.data_ptr():  # the caller's tensor (it may keep it): never the weight itself
+            new = new.clone()
         if inplace_update and new.dtype == self.weight.dtype:
             self.weight.data.copy_(new)
         else:

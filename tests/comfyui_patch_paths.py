@@ -36,6 +36,7 @@ from comfy.cli_args import args  # noqa: E402
 ON_GPU = sys.argv[3:4] == ["cuda"]
 args.cpu = not ON_GPU
 
+import comfy.hooks  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -187,6 +188,28 @@ def lowvram(make):
     yield loaded, back_to_base(loaded)
 
 
+@contextlib.contextmanager
+def cached_weight_hook(make):
+    """The LoRA as a weight hook (ComfyUI's hook LoRAs) on a fully loaded model, applied a second time from
+    ComfyUI's cache of the patched weights, which it copies into each weight directly (`MaxSpeed` mode)."""
+    loaded = make(unchanged)
+    patcher = loaded.patcher
+    hook = comfy.hooks.WeightHook()
+    hooks = comfy.hooks.HookGroup()
+    hooks.add(hook)
+    patcher.hook_patches[hook.hook_ref], patcher.patches = patcher.patches, {}  # the LoRA, moved into the hook
+    patcher.patch_model(device_to=DEVICE)
+    patcher.patch_hooks(hooks)  # computed through the layer's convert/set, then cached
+    patcher.patch_hooks(None)
+    patcher.patch_hooks(hooks)  # from the cache
+
+    def unpatch() -> None:
+        patcher.patch_hooks(None)
+        back_to_base(loaded)()
+
+    yield loaded, unpatch
+
+
 FRACTIONS = [i / 20 for i in range(1, 20)]
 
 
@@ -293,6 +316,7 @@ def paths(kind) -> dict[str, Callable | str]:
         "partially_load": lambda make: partially_loaded(make, kind),
         "partially_unload": lambda make: partially_unloaded(make, kind),
         "ModelPatcherDynamic": dynamic,
+        "weight hook, from ComfyUI's cache": cached_weight_hook,
     }
 
 

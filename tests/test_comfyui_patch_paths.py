@@ -28,8 +28,10 @@ PATHS = (
     "partially_load",
     "partially_unload",
     "ModelPatcherDynamic",
+    "weight hook, from ComfyUI's cache",
 )
-STORING_PATHS = ("full load, float32 LoRA math", "full load, float16 LoRA math")  # patched weights are stored
+# patched weights are stored
+STORING_PATHS = ("full load, float32 LoRA math", "full load, float16 LoRA math", "weight hook, from ComfyUI's cache")
 MIXED_PATHS = ("partially_load", "partially_unload")  # some layers stored-patched, some per forward
 
 

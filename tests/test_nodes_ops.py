@@ -209,6 +209,24 @@ def test_patch_beyond_float16_at_the_layer_scale_stays_finite_and_unpatches_exac
     assert torch.equal(layer(x), clean)
 
 
+@pytest.mark.parametrize("beyond_float16", [False, True])
+def test_set_weight_leaves_its_float32_input_in_stored_units_and_never_keeps_it(linear, beyond_float16) -> None:
+    """ComfyUI's weight-hook cache keeps the tensor it gave set_weight and later copies it straight into the
+    stored weight: it must hold stored units, and must not be the layer's weight itself (an unpatch copies
+    the backup into the weight, which would then rewrite the cache)."""
+    layer, x = linear
+    scale = float(layer.scale_weight)
+    patched = real_weight(layer).clone()
+    if beyond_float16:
+        patched[2, 3] = 5.0  # 5 / 2**-16: beyond float16 at this scale, stored in float32
+    handed_over = patched.clone()
+    layer.set_weight(handed_over, inplace_update=True, seed=1)
+    assert torch.equal(handed_over, patched / scale)  # what the cache now holds: stored units
+    assert layer.weight.data_ptr() != handed_over.data_ptr()
+    layer.weight.data.copy_(handed_over)  # ComfyUI's patch_cached_hook_weights
+    torch.testing.assert_close(real_weight(layer), patched, rtol=2.0**-11, atol=0.0)
+
+
 PER_FORWARD_PATCHES = {
     "weight_function, converting (before 0.30)": (
         "weight_function",
