@@ -174,10 +174,9 @@ def write_report(args: argparse.Namespace, rows: list[dict], total: float, torch
             f"| {r['above']} | {' / '.join(f'{x:.3f}' for x in r['per_setting'])} | {r['graph_s']:.1f} "
             f"| {r['conversion_ratio']:.0f}x |"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.output}")
+    from bench.results_file import write_results
+
+    write_results(args.output, lines)
 
 
 if __name__ == "__main__":

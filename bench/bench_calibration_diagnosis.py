@@ -455,10 +455,9 @@ def main() -> None:
     if args.sweep:
         sweep(sampling, models, lines)
     lines += [f"Whole run {time.monotonic() - started:.0f} s."]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.output}")
+    from bench.results_file import write_results
+
+    write_results(args.output, lines)
 
 
 if __name__ == "__main__":
