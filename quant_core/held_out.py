@@ -30,6 +30,7 @@ import torch
 from .calibrated import DAMPING, REFINE_SWEEPS, calibrated_rounding
 from .calibration import InputStatistics, merge_statistics
 from .fp16 import round_to_fp16
+from .report import UNCHECKED
 from .rounding import RoundingOutcome, RoundingSettings, ScaledWeight, nearest_pass
 
 CANDIDATES = (0.0,)  # shrinkages tried by the check; 1.0 (round-to-nearest) is always the fallback
@@ -61,12 +62,14 @@ def checked_calibrated_rounding(
         raise ValueError("calibrated rounding needs the layer's input statistics")
     folds = tuple(fold for fold in statistics.folds if fold.count)
     if len(folds) < 2:
-        log.warning(
+        log.info(
             "statistics of a %dx%d weight have no folds (one part of the data, or a file from before folds): "
             "calibrated rounding without the held-out check",
             *weight.shape,
         )
-        return calibrated_rounding(weight, settings, statistics, damping, sweeps)
+        outcome = calibrated_rounding(weight, settings, statistics, damping, sweeps)
+        outcome.details[UNCHECKED] = 1.0  # the report counts these layers in one line, not one warning each
+        return outcome
     ratios = {alpha: [] for alpha in candidates}
     for training, held_out in _splits(folds, both_ways):
         for alpha in candidates:

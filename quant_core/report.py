@@ -12,6 +12,10 @@ from typing import Any
 
 from .staging import write_atomically
 
+# A layer's detail set by the `calibrated` method when it rounded without its held-out check (statistics
+# without folds): counted in one summary line rather than warned about once per layer.
+UNCHECKED = "held_out_unchecked"
+
 
 @dataclass
 class LayerReport:
@@ -102,6 +106,10 @@ class ConversionReport:
         return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
     @property
+    def unchecked_layers(self) -> int:
+        return sum(1 for layer in self.layers if layer.details.get(UNCHECKED))
+
+    @property
     def method_counts(self) -> dict[str, int]:
         """How many weights each rounding method handled (calibrated runs fall back per weight)."""
         return dict(sorted(Counter(layer.method for layer in self.layers).items()))
@@ -118,6 +126,7 @@ class ConversionReport:
             "relative_error": self.relative_error,
             "relative_error_round_to_nearest": self.nearest_relative_error,
             "calibration_objective_ratio": self.objective_ratio,
+            "held_out_unchecked_layers": self.unchecked_layers,
             "methods": self.method_counts,
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
@@ -147,6 +156,11 @@ class ConversionReport:
                 "calibration objective (output error on the recorded inputs): "
                 f"{s['calibration_objective_ratio']:.3f}x round-to-nearest's "
                 f"(geometric mean over {len(ratios)} layers, {min(ratios):.3f}x to {max(ratios):.3f}x)",
+            )
+        if s["held_out_unchecked_layers"]:
+            lines.append(
+                f"{s['held_out_unchecked_layers']} layers rounded without the held-out check: their statistics have "
+                "no folds (a file from before folds, or one text recorded); record again to have them checked"
             )
         if self.not_plain:
             names = list(self.not_plain)

@@ -154,17 +154,27 @@ def test_one_direction_rounds_on_the_smaller_fold_and_scores_on_the_larger():
     assert outcome.details["held_out_ratio_0"] == pytest.approx(held_out_ratio(weight, q, stats.folds[1]))
 
 
-def test_statistics_without_folds_are_rounded_without_the_check(caplog):
+def test_statistics_without_folds_are_rounded_without_the_check_and_counted_once(caplog, tmp_path):
     torch.manual_seed(4)
     layer = nn.Linear(24, 8)
     x = Anisotropic(24).draw(300).double()
     plain = InputStatistics(300, x.mean(0), second_moment=x.T @ x / 300)
     weight = scaled(layer.weight.detach())
-    with caplog.at_level(logging.WARNING):
-        outcome = checked_calibrated_rounding(weight, SETTINGS, plain)
-    assert "without the held-out check" in caplog.text
+    outcome = checked_calibrated_rounding(weight, SETTINGS, plain)
     assert torch.equal(outcome.q, calibrated_rounding(weight, SETTINGS, plain).q)
     assert "shrinkage" not in outcome.details
+
+    # a whole conversion: one summary line, no warning per layer
+    names = [f"blocks.{i}" for i in range(3)]
+    source = write_state_dict({f"{n}.weight": torch.randn(8, 24) for n in names}, tmp_path / "m.safetensors")
+    model_stats = CalibrationStatistics(dict.fromkeys(names, "x"), {"x": plain})
+    with caplog.at_level(logging.WARNING):
+        report = convert_file(
+            source, tmp_path / "o.safetensors", ConvertOptions(method="calibrated"), statistics=model_stats
+        )
+    assert not [r for r in caplog.records if "held-out" in r.getMessage()]
+    assert report.summary()["held_out_unchecked_layers"] == 3
+    assert any(line.startswith("3 layers rounded without the held-out check") for line in report.summary_lines())
 
 
 def test_merged_folds_are_the_statistics_the_final_rounding_uses():
