@@ -144,9 +144,6 @@ def run_model(name: str, work: Path) -> list[dict]:
             print(
                 f"{name} {fmt} {method}: weight error {row['weight_error']:.3e} in {row['seconds']:.1f} s", flush=True
             )
-    row_bytes = source_path.stat().st_size
-    for row in rows:
-        row["source_bytes"] = row_bytes
     return rows
 
 

@@ -44,11 +44,10 @@ class StagedFile:
         self.folder = Path(folder)
         self.created_folders = _make_folders(self.folder)  # removed again (when empty) unless the file is placed
         self.fd = -1
+        self.path: Path | None = None
         try:
             remove_stale(self.folder, hint)
-            created = _created(self.folder, f".{hint[:_MAX_HINT]}.{_HOST}-{os.getpid()}.")
-            self.path: Path | None = created[0]
-            self.fd = created[1]
+            self.path, self.fd = _created(self.folder, f".{hint[:_MAX_HINT]}.{_HOST}-{os.getpid()}.")
         except BaseException:
             _remove_empty(self.created_folders)
             raise
